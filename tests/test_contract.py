@@ -1,0 +1,175 @@
+"""The block contract (DESIGN.md), checked for every registered block.
+
+Parametrised over ``visattn.list_attns()``: a new block is checked without new test code. A block
+can only be exempted through its AttnInfo capability fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+
+import pytest
+import torch
+from helpers import build, feature_map, raster_jacobian_support
+
+import visattn
+from visattn.bench import count_flops
+
+NAMES = visattn.list_attns()
+C = 32
+CAUSAL_NAMES = visattn.list_attns(causal=True)
+
+
+def test_registry_is_not_empty():
+    assert len(NAMES) >= 5
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("channels", [16, 32, 64, 256])
+def test_constructs_with_defaults(name, channels):
+    block = visattn.create_attn(name, channels)
+    assert isinstance(block, torch.nn.Module)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_constructor_signature(name):
+    params = inspect.signature(type(visattn.create_attn(name, C)).__init__).parameters
+    for p in list(params.values())[2:]:
+        assert p.kind == p.KEYWORD_ONLY, f"{name}: hyperparameter {p.name!r} must be keyword-only"
+    assert "device" in params and "dtype" in params
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_any_size(name):
+    block = build(name).eval()
+    with torch.no_grad():
+        for b in (1, 3):
+            for h, w in [(1, 1), (7, 13), (16, 16), (33, 17)]:
+                x = feature_map(b, C, h, w)
+                out = block(x)
+                assert out.shape == x.shape, f"{name}: {tuple(x.shape)} -> {tuple(out.shape)}"
+                assert torch.isfinite(out).all(), f"{name}: non-finite output at {(b, h, w)}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_parameter_gets_a_gradient(name):
+    block = build(name).train()
+    x = feature_map(2, C, 7, 13, requires_grad=True)
+    out = block(x)
+    (out * torch.randn_like(out)).sum().backward()
+    for pname, p in block.named_parameters():
+        assert p.grad is not None, f"{name}: parameter {pname} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name}: parameter {pname} has a non-finite gradient"
+    assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if visattn.attn_info(n).identity_init])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_identity_at_init(name, mode):
+    torch.manual_seed(0)
+    block = visattn.create_attn(name, C).train(mode == "train")
+    x = feature_map(2, C, 9, 11)
+    with torch.no_grad():
+        out = block(x)
+    assert (out - x).abs().max().item() <= 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_independence_in_eval(name):
+    block = build(name).eval()
+    x = feature_map(3, C, 9, 11)
+    y = x.clone()
+    y[1] = feature_map(1, C, 9, 11, seed=5)[0] * 3.0
+    with torch.no_grad():
+        a, b = block(x), block(y)
+    torch.testing.assert_close(a[0], b[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a[2], b[2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(a[1], b[1]), f"{name}: output ignores its own input"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic_in_eval(name):
+    block = build(name).eval()
+    x = feature_map(2, C, 8, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), block(x), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_finite_under_bf16_autocast_and_large_inputs(name):
+    block = build(name).eval()
+    x = feature_map(2, C, 8, 10)
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x)
+        assert torch.isfinite(out.float()).all(), f"{name}: non-finite under bf16 autocast"
+        out = block(x * 1e3)
+        assert torch.isfinite(out).all(), f"{name}: non-finite for inputs scaled by 1e3"
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        torch.zeros(C, 8, 8),
+        torch.zeros(2, C + 1, 8, 8),
+        torch.zeros(2, C, 8, 8, dtype=torch.int64),
+    ],
+    ids=["3d", "channels", "int"],
+)
+def test_bad_input_raises_value_error(name, bad):
+    block = build(name, perturb=False)
+    with pytest.raises(ValueError) as err:
+        block(bad)
+    msg = str(err.value)
+    assert name in msg, msg
+    assert f"(B, {C}, H, W)" in msg, msg
+    assert str(tuple(bad.shape)) in msg, msg
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip_and_deepcopy(name):
+    block = build(name, seed=0).eval()
+    other = build(name, seed=1).eval()
+    other.load_state_dict(block.state_dict())
+    x = feature_map(2, C, 6, 9)
+    with torch.no_grad():
+        ref = block(x)
+        torch.testing.assert_close(other(x), ref, atol=0, rtol=0)
+        torch.testing.assert_close(copy.deepcopy(block)(x), ref, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", CAUSAL_NAMES)
+def test_causal_no_future_leak(name):
+    h, w = 5, 7
+    block = build(name, causal=True).eval()
+    support = raster_jacobian_support(block, C, h, w)
+    future = torch.triu(torch.ones_like(support), diagonal=1)
+    leaks = (support & future).nonzero().tolist()
+    assert not leaks, f"{name}: output p depends on future input q (p, q): {leaks[:10]}"
+    past = torch.tril(torch.ones_like(support), diagonal=-1)
+    assert (support & past).any(), f"{name}: causal output never depends on the past (test would be vacuous)"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_flop_growth_within_declared_exponent(name):
+    info = visattn.attn_info(name)
+    block = build(name).eval()
+    with torch.no_grad():
+        small = count_flops(block, feature_map(1, C, 16, 16))
+        large = count_flops(block, feature_map(1, C, 32, 32))
+    assert small > 0, f"{name}: FlopCounterMode counted no FLOPs (an uncounted op?)"
+    exponent = math.log(large / small) / math.log(4)
+    assert exponent <= info.flops_exponent + 0.1, f"{name}: FLOPs grow as N^{exponent:.3f}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compile_matches_eager(name):
+    info = visattn.attn_info(name)
+    block = build(name).eval()
+    compiled = torch.compile(block, backend="eager", fullgraph=info.compile_fullgraph)
+    x = feature_map(2, C, 8, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)

@@ -1,0 +1,32 @@
+"""Building blocks shared by two or more attention blocks."""
+
+from .attention import (
+    MultiHeadAttention,
+    default_heads,
+    merge_heads,
+    multihead_sdpa,
+    raster_causal_mask,
+    split_heads,
+)
+from .block import AttnBlock, check_feature_map, factory_kwargs
+from .padding import pad_to_multiple, unpad
+from .pos_embed import ConvPosEnc, sincos_2d
+from .tokens import to_map, to_tokens
+
+__all__ = [
+    "AttnBlock",
+    "ConvPosEnc",
+    "MultiHeadAttention",
+    "check_feature_map",
+    "default_heads",
+    "factory_kwargs",
+    "merge_heads",
+    "multihead_sdpa",
+    "pad_to_multiple",
+    "raster_causal_mask",
+    "sincos_2d",
+    "split_heads",
+    "to_map",
+    "to_tokens",
+    "unpad",
+]
