@@ -42,6 +42,60 @@ def _cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for part in text.split(","):
+        h, _, w = part.strip().partition("x")
+        sizes.append((int(h), int(w or h)))
+    return sizes
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from .bench import runner
+
+    names = args.names or registry.list_attns(args.filter)
+    unknown = [n for n in names if n not in registry.list_attns()]
+    if unknown:
+        print(f"visattn: unknown block(s) {unknown}; see `visattn list`", file=sys.stderr)
+        return 2
+    if args.quick:
+        sizes, batch, channels, min_run = [(16, 16), (32, 32)], 1, 64, 0.02
+    else:
+        sizes, batch, channels, min_run = _parse_sizes(args.sizes), args.batch, args.channels, args.min_run_time
+    dtypes = [getattr(torch, d) for d in args.dtype]
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("visattn: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
+        return 2
+    rows = runner.run_sweep(names, sizes, batch=batch, channels=channels, dtypes=dtypes, device=args.device,
+                            min_run_time=min_run, progress=not args.no_progress)
+    print(runner.format_table(rows))
+    fits = runner.fit_exponents(rows)
+    if fits:
+        print("\nfitted exponents in N = H*W (FLOPs declared in the registry):")
+        for (name, dt), fit in sorted(fits.items()):
+            parts = "  ".join(f"{k}: {v:.2f}" for k, v in fit.items())
+            print(f"  {name:<20} {dt:<9} {parts}  declared FLOPs: {runner.declared_exponent(name)}")
+    if args.peers:
+        from .bench import peers
+
+        peer_rows = peers.compare(names, batch=batch, channels=channels, size=sizes[-1], dtype=dtypes[0],
+                                  device=args.device, min_run_time=min_run)
+        print("\npeers (ratio = ours / peer; < 1 is better):")
+        print(peers.format_ratios(peer_rows))
+    if args.csv:
+        runner.write_csv(rows, args.csv)
+    if args.json:
+        runner.write_json(rows, args.json, meta={"device": args.device})
+    if args.plot:
+        from .bench.plots import plot_scaling
+
+        for path in plot_scaling(rows, args.plot):
+            print(f"wrote {path}")
+    return 0 if all(r.status == "ok" for r in rows) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visattn", description="Efficient attention blocks for computer vision.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="a block's AttnInfo and constructor arguments")
     p.add_argument("name")
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("bench", help="measure time, FLOPs and memory of blocks over sizes")
+    p.add_argument("names", nargs="*", help="block names (default: all matching --filter)")
+    p.add_argument("--filter", default="*", help="fnmatch pattern over block names")
+    p.add_argument("--sizes", default="32,64", help="comma-separated H[xW], e.g. 32,64x48")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing (torch.utils.benchmark)")
+    p.add_argument("--quick", action="store_true", help="B=1, C=64, 16x16 and 32x32, short timings")
+    p.add_argument("--peers", action="store_true", help="also time installed public implementations")
+    p.add_argument("--csv")
+    p.add_argument("--json")
+    p.add_argument("--plot", metavar="DIR", help="write log-log scaling PNGs into DIR")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("docs", help="regenerate docs/blocks.md")
     p.add_argument("-o", "--output", default="docs/blocks.md")

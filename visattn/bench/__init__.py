@@ -1,5 +1,15 @@
 """Measuring blocks: FLOPs, activation memory, time, scaling."""
 
 from .measure import FLOP_MAPPING, count_flops, growth_exponent, saved_activation_bytes
+from .runner import BenchRow, bench_block, fit_exponents, run_sweep
 
-__all__ = ["FLOP_MAPPING", "count_flops", "growth_exponent", "saved_activation_bytes"]
+__all__ = [
+    "FLOP_MAPPING",
+    "BenchRow",
+    "bench_block",
+    "count_flops",
+    "fit_exponents",
+    "growth_exponent",
+    "run_sweep",
+    "saved_activation_bytes",
+]
