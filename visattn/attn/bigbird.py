@@ -1,0 +1,164 @@
+"""Big Bird: Transformers for Longer Sequences — https://arxiv.org/abs/2007.14062
+
+2D adaptation: BigBird's blocks of b = 64 tokens become 8 x 8 patches. Every query patch attends the 3 x 3
+neighbouring patches (sliding window), g global patches (ITC: the first and last patches in raster order,
+which also attend everything) and r random patches drawn outside the window and the globals. The random
+draw is a seeded hash of (query patch, key patch, buffer ``rand_key``): fixed, identical in train and eval,
+independent of the global RNG. ``causal=True`` masks future pixels and draws random patches among earlier
+ones.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..layers import AttnBlock, default_heads, factory_kwargs, pad_to_multiple, to_map, to_tokens, unpad
+from ..layers.sparse_pattern import Grid, Pattern, Segment, block_segment, first_occurrence, sparse_attention
+from ..registry import register_attn
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply), exact on every device."""
+    x = x & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    x = (((x >> 16) ^ x) * 0x45D9F3B) & 0xFFFFFFFF
+    return (x >> 16) ^ x
+
+
+@register_attn(
+    "bigbird",
+    title="Big Bird: Transformers for Longer Sequences",
+    arxiv="2007.14062",
+    year=2020,
+    family="sparse",
+    complexity="O(N·(w + g + r)·b·D)",
+    flops_exponent=1.0,
+    native_2d=False,
+    causal=True,
+    identity_init=True,
+    idea="block-sparse attention: 3x3 neighbouring patches + global patches + r fixed random patches",
+    reference="https://github.com/google-research/bigbird",
+)
+class BigBird(AttnBlock):
+    """Block-sparse window + global + random attention, ``x + proj(attn(x))`` with a zero-initialised proj.
+
+    Args:
+        channels: input channels C.
+        block_size: patch side P (paper: blocks of b = 64 tokens, so 8 x 8).
+        window: neighbouring patches per side of the window (odd; paper: w = 3 blocks, here 3 x 3).
+        num_global: global patches g (paper ITC: 2, the first and the last).
+        num_random: random patches r per query patch (paper: 3).
+        random_seed: seeds the ``rand_key`` buffer that fixes the random patches.
+        heads: attention heads (default: ``default_heads(C)``).
+        qkv_bias: bias in the q/k/v projections.
+        causal: keys at or before the query in raster order.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        block_size: int = 8,
+        window: int = 3,
+        num_global: int = 2,
+        num_random: int = 3,
+        random_seed: int = 0,
+        heads: int | None = None,
+        qkv_bias: bool = True,
+        causal: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(channels)
+        if block_size < 1:
+            raise ValueError(f"bigbird: block_size must be >= 1, got {block_size}")
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"bigbird: window must be odd and >= 1, got {window}")
+        if num_global < 0 or num_random < 0:
+            raise ValueError(
+                f"bigbird: num_global and num_random must be >= 0, got {num_global}, {num_random}"
+            )
+        heads = default_heads(channels) if heads is None else heads
+        if heads < 1 or channels % heads:
+            raise ValueError(f"bigbird: heads must divide channels ({channels}), got {heads}")
+        dd = factory_kwargs(device, dtype)
+        self.block_size, self.window, self.num_global, self.num_random = (
+            block_size,
+            window,
+            num_global,
+            num_random,
+        )
+        self.heads, self.causal = heads, causal
+        g = torch.Generator().manual_seed(random_seed)
+        self.register_buffer("rand_key", torch.randint(0, 2**31 - 1, (2,), generator=g).to(device))
+        self.q = nn.Linear(channels, channels, bias=qkv_bias, **dd)
+        self.kv = nn.Linear(channels, 2 * channels, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(channels, channels, **dd)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def patterns(self, height: int, width: int, device=None) -> tuple[Pattern, Pattern | None]:
+        """(block-sparse pattern of every query, dense pattern of the global patches' queries or None).
+
+        The global patches' queries use the second pattern: it holds all keys, so it is their union.
+        """
+        p = self.block_size
+        nbh, nbw = -(-height // p), -(-width // p)
+        nb = nbh * nbw
+        grid = Grid(nbh * p, nbw * p, height, width)
+        tile = torch.arange(nb, device=device)
+        tr, tc = tile // nbw, tile % nbw
+        rad = self.window // 2
+        off = torch.arange(-rad, rad + 1, device=device)
+        wr = (tr[:, None, None] + off[None, :, None]).expand(-1, -1, off.numel()).reshape(nb, -1)
+        wc = (tc[:, None, None] + off[None, None, :]).expand(-1, off.numel(), -1).reshape(nb, -1)
+        window = torch.where((wr >= 0) & (wr < nbh) & (wc >= 0) & (wc < nbw), wr * nbw + wc, -1)
+        first = (self.num_global + 1) // 2
+        gids = sorted({i for i in range(first)} | {nb - 1 - i for i in range(self.num_global - first)})
+        gids = [i for i in gids if 0 <= i < nb]
+        glob = torch.tensor(gids, dtype=torch.long, device=device)
+        parts = [window, glob[None].expand(nb, -1)]
+        r = min(self.num_random, nb)
+        if r:
+            cand = torch.arange(nb, device=device)
+            near = ((cand // nbw)[None] - tr[:, None]).abs().le(rad) & (
+                (cand % nbw)[None] - tc[:, None]
+            ).abs().le(rad)
+            allowed = ~near & ~(cand[:, None] == glob[None]).any(-1)[None]
+            if self.causal:
+                allowed = allowed & (cand[None] <= tile[:, None])
+            key = self.rand_key.to(device)
+            score = _mix32(_mix32(tile[:, None] + key[0]) ^ (cand[None] + key[1]))
+            score = torch.where(allowed, score, score + 2**33)  # disallowed patches lose every draw
+            pick = score.topk(r, dim=1, largest=False).indices
+            parts.append(torch.where(allowed.gather(1, pick), pick, -1))
+        blocks = torch.cat(parts, dim=1)
+        blocks = torch.where(first_occurrence(blocks), blocks, -1)
+        sparse = Pattern(grid, (block_segment(grid, p, blocks),), self.causal)
+        if not gids:
+            return sparse, None
+        queries = sparse.segments[0].queries[glob]
+        keys = torch.arange(grid.n, device=device)[None].expand(len(gids), -1)
+        return sparse, Pattern(grid, (Segment(queries, keys),), self.causal)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        sparse, dense = self.patterns(h, w, x.device)
+        rows, cols = sparse.grid.rows, sparse.grid.cols
+        xp, pads = pad_to_multiple(x, self.block_size)
+        t = to_tokens(xp)
+        q = self.q(t)
+        k, v = self.kv(t).chunk(2, dim=-1)
+        out = sparse_attention(q, k, v, sparse, self.heads)
+        if dense is not None:
+            is_global = torch.zeros(sparse.grid.n, dtype=torch.bool, device=x.device)
+            is_global[dense.segments[0].queries.reshape(-1)] = True
+            out = torch.where(is_global[:, None], sparse_attention(q, k, v, dense, self.heads), out)
+        return x + unpad(to_map(self.proj(out), rows, cols), pads)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, block_size={self.block_size}, window={self.window}, "
+            f"num_global={self.num_global}, num_random={self.num_random}, causal={self.causal}"
+        )
