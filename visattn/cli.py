@@ -96,6 +96,51 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0 if all(r.status == "ok" for r in rows) else 1
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import export
+
+    try:
+        module = export.build_exportable(args.name, channels=args.channels, attn=args.attn)
+    except (export.NotExportableError, ValueError) as err:
+        print(f"visattn: {err}", file=sys.stderr)
+        return 2
+    h, w = _parse_sizes(args.size)[0]
+    is_block = args.name in registry.list_attns()
+    x = torch.randn(args.batch, args.channels if is_block else 3, h, w)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.format == "onnx":
+        export.export_onnx(module, x, out, dynamic=not args.static)
+        try:
+            err = export.onnx_max_error(out, module, x)
+            print(f"wrote {out} (onnxruntime max abs error vs eager: {err:.2e})")
+        except ImportError:
+            print(f"wrote {out} (onnxruntime not installed: parity not checked)")
+    else:
+        program = export.export_program(module, x, dynamic=not args.static)
+        torch.export.save(program, str(out))
+        print(f"wrote {out}")
+    return 0
+
+
+def _cmd_support(args: argparse.Namespace) -> int:
+    from . import export
+
+    names = args.names or registry.list_attns()
+    rows = []
+    for name in names:
+        row = export.support_row(name)
+        print(f"{name:<20} fullgraph={row.compile_fullgraph} export={row.torch_export} onnx={row.onnx_export} "
+              f"err={row.onnx_max_error} dynamic={row.dynamic_hw} {row.note}", flush=True)
+        rows.append(row)
+    if args.output:
+        Path(args.output).write_text(export.support_markdown(rows))
+        print(f"wrote {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visattn", description="Efficient attention blocks for computer vision.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="DIR", help="write log-log scaling PNGs into DIR")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("export", help="export a block, a timm model or a segmentor to ONNX or torch.export")
+    p.add_argument("name", help="block name, timm model name (e.g. visattn_resnet50_ccnet) or segmentor name")
+    p.add_argument("--format", choices=["onnx", "export"], default="onnx")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--size", default="16x20", help="example H[xW]")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--channels", type=int, default=32, help="block channels (blocks only)")
+    p.add_argument("--attn", help="block to insert into a plain timm model")
+    p.add_argument("--static", action="store_true", help="static H and W (default: dynamic)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("support", help="run the deployment checks and write docs/support.md")
+    p.add_argument("names", nargs="*")
+    p.add_argument("-o", "--output", help="markdown file to write (e.g. docs/support.md)")
+    p.set_defaults(func=_cmd_support)
 
     p = sub.add_parser("docs", help="regenerate docs/blocks.md")
     p.add_argument("-o", "--output", default="docs/blocks.md")

@@ -1,0 +1,83 @@
+"""Deployment: ONNX (dynamo exporter) + onnxruntime parity, torch.export, driven by AttnInfo flags.
+
+The full matrix over every block is `pytest -m slow`; the default run checks a representative subset.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import visattn
+from visattn import cli, export
+
+pytest.importorskip("onnxruntime")
+
+EXPORTABLE = [n for n in visattn.list_attns() if visattn.attn_info(n).exportable]
+REPRESENTATIVE = ["axial", "ccnet", "cbam", "gcnet", "nonlocal"]
+
+
+def _params(names):
+    return [n if n in REPRESENTATIVE else pytest.param(n, marks=pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("name", _params(EXPORTABLE))
+def test_onnx_parity_with_dynamic_hw(name, tmp_path):
+    block = export._perturbed(name, 32)
+    x = torch.randn(*export.EXAMPLE_SHAPE)
+    path = export.export_onnx(block, x, tmp_path / f"{name}.onnx")
+    assert export.onnx_max_error(path, block, x) <= 1e-4
+    x2 = torch.randn(2, 32, *export.SECOND_HW)
+    assert export.onnx_max_error(path, block, x2) <= 1e-4
+
+
+@pytest.mark.parametrize("name", _params(EXPORTABLE))
+def test_torch_export_dynamic_hw(name):
+    block = export._perturbed(name, 32)
+    x = torch.randn(*export.EXAMPLE_SHAPE)
+    program = export.export_program(block, x)
+    x2 = torch.randn(2, 32, *export.SECOND_HW)
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x2), block(x2), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", _params(visattn.list_attns()))
+def test_declared_flags_match_measurement(name):
+    row = export.support_row(name)
+    info = visattn.attn_info(name)
+    assert row.onnx_export == info.exportable, row.note
+    if info.compile_fullgraph:
+        assert row.compile_fullgraph, f"{name}: {row.graph_breaks} graph breaks"
+
+
+def test_timm_model_with_attention_exports(tmp_path):
+    model = visattn.create_model("resnet18", "ccnet", num_classes=5).eval()
+    for m in model.modules():
+        if getattr(type(m), "attn_name", "") == "ccnet":
+            torch.nn.init.constant_(m.gamma, 0.5)  # make the attention visible in the output
+    x = torch.randn(1, 3, 64, 64)
+    path = export.export_onnx(model, x, tmp_path / "r18.onnx")
+    assert export.onnx_max_error(path, model, x) <= 1e-4
+    assert export.onnx_max_error(path, model, torch.randn(1, 3, 48, 80)) <= 1e-4
+
+
+def test_export_cli_refuses_non_exportable_with_reason(tmp_path, capsys):
+    names = [n for n in visattn.list_attns() if not visattn.attn_info(n).exportable]
+    if not names:
+        pytest.skip("every block is exportable")
+    assert cli.main(["export", names[0], "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "not exportable" in capsys.readouterr().err
+
+
+def test_export_cli_writes_checked_onnx(tmp_path, capsys):
+    out = tmp_path / "cbam.onnx"
+    assert cli.main(["export", "cbam", "-o", str(out)]) == 0
+    assert out.stat().st_size > 0 and "max abs error" in capsys.readouterr().out
+
+
+def test_support_doc_lists_every_block():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "support.md").read_text()
+    for name in visattn.list_attns():
+        assert f"| `{name}` |" in text, f"docs/support.md lacks {name}: run `visattn support -o docs/support.md`"

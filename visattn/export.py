@@ -1,0 +1,196 @@
+"""Deployment checks: torch.compile, torch.export and ONNX (dynamo exporter) with onnxruntime parity.
+
+``support_row`` runs every check on one block and is what generates docs/support.md, so the
+support matrix is measured, never written by hand.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .registry import attn_info, create_attn, list_attns
+
+__all__ = ["export_onnx", "onnx_max_error", "export_program", "graph_breaks", "support_row", "SupportRow",
+           "support_markdown", "NotExportableError"]
+
+EXAMPLE_SHAPE = (2, 32, 16, 20)
+SECOND_HW = (13, 9)
+
+
+class NotExportableError(RuntimeError):
+    """The block's method cannot be exported (its AttnInfo says so)."""
+
+
+def _dynamic_hw(x: torch.Tensor) -> dict:
+    h = torch.export.Dim("height", min=1, max=4096)
+    w = torch.export.Dim("width", min=1, max=4096)
+    return {"x": {2: h, 3: w}}
+
+
+def export_program(module: torch.nn.Module, x: torch.Tensor, *, dynamic: bool = True):
+    """``torch.export.export`` with dynamic H and W (or static shapes)."""
+    module = module.eval()
+    return torch.export.export(module, (x,), dynamic_shapes=_dynamic_hw(x) if dynamic else None)
+
+
+def export_onnx(module: torch.nn.Module, x: torch.Tensor, path: str | Path, *, dynamic: bool = True) -> Path:
+    """Export to ONNX with the dynamo exporter (onnxscript); H and W dynamic unless ``dynamic=False``."""
+    path = Path(path)
+    module = module.eval()
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=_dynamic_hw(x) if dynamic else None,
+                                    verbose=False)
+    program.save(str(path))
+    return path
+
+
+def onnx_max_error(path: str | Path, module: torch.nn.Module, x: torch.Tensor) -> float:
+    """Max abs difference between onnxruntime (CPU) and eager on input ``x``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})
+    with torch.no_grad():
+        ref = module.eval()(x)
+    return float((torch.from_numpy(out) - ref.cpu()).abs().max())
+
+
+def graph_breaks(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Number of graph breaks dynamo hits on ``module(x)`` (0 means fullgraph works)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        return int(torch._dynamo.explain(module)(x).graph_break_count)
+
+
+@dataclass
+class SupportRow:
+    name: str
+    compile_fullgraph: bool
+    graph_breaks: int | None
+    torch_export: bool
+    onnx_export: bool
+    onnx_max_error: float | None
+    dynamic_hw: bool
+    note: str = ""
+
+
+def _perturbed(name: str, channels: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    block = create_attn(name, channels).eval()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)  # so zero-initialised outputs do not hide errors
+    return block
+
+
+def support_row(name: str) -> SupportRow:
+    """Run compile / export / ONNX checks on block ``name`` at 2x32x16x20 (and 13x9 for dynamic shapes)."""
+    attn_info(name)
+    b, c, h, w = EXAMPLE_SHAPE
+    block = _perturbed(name, c)
+    x = torch.randn(b, c, h, w, generator=torch.Generator().manual_seed(1))
+    x2 = torch.randn(b, c, *SECOND_HW, generator=torch.Generator().manual_seed(2))
+    notes = []
+    try:
+        breaks = graph_breaks(block, x)
+    except Exception as err:  # explain itself can fail on exotic ops
+        breaks, _ = None, notes.append(f"dynamo: {type(err).__name__}")
+    try:
+        export_program(block, x)
+        exported = True
+    except Exception as err:
+        exported = False
+        notes.append(f"torch.export: {type(err).__name__}")
+    onnx_ok, err_max, dynamic = False, None, False
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"{name}.onnx"
+        try:
+            export_onnx(block, x, path)
+            onnx_ok = True
+            err_max = onnx_max_error(path, block, x)
+            err2 = onnx_max_error(path, block, x2)
+            dynamic = err2 <= 1e-4
+            err_max = max(err_max, err2)
+        except Exception as err:
+            notes.append(f"onnx: {type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}")
+    return SupportRow(name, breaks == 0, breaks, exported, onnx_ok, err_max, dynamic, "; ".join(notes))
+
+
+def support_markdown(rows: list[SupportRow]) -> str:
+    ok = lambda v: "yes" if v else "no"  # noqa: E731
+    n = len(rows)
+    parity = sum(r.onnx_export and r.onnx_max_error is not None and r.onnx_max_error <= 1e-4 for r in rows)
+    lines = [
+        "# Deployment support",
+        "",
+        "Generated by `visattn support` (runs every check; nothing here is written by hand). Each block is checked at",
+        f"input {EXAMPLE_SHAPE} with perturbed weights, and at H x W = {SECOND_HW} for dynamic shapes, on CPU.",
+        "",
+        f"- ONNX export with onnxruntime parity (<= 1e-4): {parity} / {n}",
+        f"- torch.compile fullgraph: {sum(r.compile_fullgraph for r in rows)} / {n}",
+        f"- torch.export (dynamic H, W): {sum(r.torch_export for r in rows)} / {n}",
+        "",
+        "| block | compile fullgraph | graph breaks | torch.export | ONNX export | ORT max abs error | dynamic H, W |"
+        " declared exportable | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e = "-" if r.onnx_max_error is None else f"{r.onnx_max_error:.1e}"
+        gb = "-" if r.graph_breaks is None else str(r.graph_breaks)
+        lines.append(
+            f"| `{r.name}` | {ok(r.compile_fullgraph)} | {gb} | {ok(r.torch_export)} | {ok(r.onnx_export)} | {e} | "
+            f"{ok(r.dynamic_hw)} | {ok(attn_info(r.name).exportable)} | {r.note} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def support_table(names: list[str] | None = None) -> list[SupportRow]:
+    return [support_row(n) for n in (names or list_attns())]
+
+
+def as_dicts(rows: list[SupportRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def build_exportable(name: str, *, channels: int = 32, attn: str | None = None) -> torch.nn.Module:
+    """Resolve ``name`` for ``visattn export``: a registry block, or a timm model name (optionally with
+    ``attn`` inserted), or a segmentor zoo name when the segmentation models are available."""
+    if name in list_attns():
+        info = attn_info(name)
+        if not info.exportable:
+            raise NotExportableError(
+                f"{name} is not exportable: its AttnInfo says exportable=False (data-dependent computation, see "
+                "docs/support.md); use it in eager mode or under torch.compile"
+            )
+        return create_attn(name, channels).eval()
+    import timm
+
+    if timm.is_model(name):
+        from .models import create_model
+
+        if attn is not None and not attn_info(attn).exportable:
+            raise NotExportableError(f"{attn} is not exportable (AttnInfo.exportable=False)")
+        if name.startswith("visattn_"):
+            return timm.create_model(name).eval()
+        return create_model(name, attn).eval()
+    try:
+        from .models import create_segmentor  # available once segmentation models exist
+    except ImportError:
+        create_segmentor = None
+    if create_segmentor is not None:
+        try:
+            return create_segmentor(name).eval()
+        except ValueError:
+            pass
+    raise ValueError(f"{name!r} is neither a visattn block, a timm model nor a segmentor name")
