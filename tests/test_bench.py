@@ -62,3 +62,16 @@ def test_bench_cli_smoke_writes_csv_and_png(tmp_path, capsys):
     png = tmp_path / "scaling_fwd_bwd_ms.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(float(lines[1].split(",")[9]))
+
+
+def test_peer_comparison_reports_ratio_and_missing_peers(monkeypatch):
+    from visattn.bench import peers
+
+    rows = peers.compare(["cbam"], batch=1, channels=16, size=(8, 8), min_run_time=0.01)
+    (ours, peer, label), = rows
+    assert peer is not None and "CbamModule" in label and peer.params > 0 and peer.fwd_bwd_ms > 0
+    missing = peers.PeerSpec("ghost", "no_such_package_xyz", lambda c, hw: None)
+    monkeypatch.setitem(peers.PEERS, "cbam", [missing])
+    (_, peer, label), = peers.compare(["cbam"], batch=1, channels=16, size=(8, 8), min_run_time=0.01)
+    assert peer is None and "not installed" in label
+    assert "not installed" in peers.format_ratios([(ours, None, label)])

@@ -103,8 +103,9 @@ def bench_block(
         out = out[0] if isinstance(out, (tuple, list)) else out
         out.float().sum().backward()
 
-    with torch.no_grad():
-        flops = count_flops(block, x)
+    # Counted with grad mode on and a detached input: FlopCounterMode's module tracker fails on
+    # no_grad views of tensors that require grad (some peers expand parameters that way).
+    flops = count_flops(block, x.detach())
     saved = saved_activation_bytes(block, x)
     peak = None
     if device.type == "cuda":
