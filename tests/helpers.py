@@ -27,7 +27,9 @@ def build(name: str, channels: int = 32, *, seed: int = 0, perturb: bool = True,
     return perturb_(block, seed) if perturb else block
 
 
-def feature_map(b: int, c: int, h: int, w: int, *, seed: int = 0, requires_grad: bool = False) -> torch.Tensor:
+def feature_map(
+    b: int, c: int, h: int, w: int, *, seed: int = 0, requires_grad: bool = False
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, c, h, w, generator=g).requires_grad_(requires_grad)
 

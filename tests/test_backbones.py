@@ -32,7 +32,10 @@ def resnet18_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def plain_output(resnet18_file):
     plain = timm.create_model(
-        "resnet18", num_classes=10, pretrained=True, pretrained_cfg_overlay=dict(file=str(resnet18_file), num_classes=10)
+        "resnet18",
+        num_classes=10,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(resnet18_file), num_classes=10),
     ).eval()
     with torch.no_grad():
         return plain(X_SMALL)
@@ -41,7 +44,10 @@ def plain_output(resnet18_file):
 @pytest.mark.parametrize("name", IDENTITY)
 def test_identity_blocks_keep_pretrained_output(name, resnet18_file, plain_output):
     model = visattn.create_model(
-        "resnet18", name, num_classes=10, pretrained=True,
+        "resnet18",
+        name,
+        num_classes=10,
+        pretrained=True,
         pretrained_cfg_overlay=dict(file=str(resnet18_file), num_classes=10),
     ).eval()
     assert count(model, name) == 4  # two BasicBlocks in each of the last two stages
@@ -50,12 +56,21 @@ def test_identity_blocks_keep_pretrained_output(name, resnet18_file, plain_outpu
         for m in model.modules():
             if getattr(type(m), "attn_name", "") == name:
                 perturb_(m, seed=1)
-        assert (model(X_SMALL) - plain_output).abs().max().item() > 1e-4  # the inserted blocks are really on the path
+        assert (
+            model(X_SMALL) - plain_output
+        ).abs().max().item() > 1e-4  # the inserted blocks are really on the path
 
 
 FAMILIES = {
     "block": ["resnet18", "regnetx_002", "efficientnet_lite0", "gernet_s"],
-    "stage": ["resnet18", "convnext_atto", "efficientnet_b0", "regnety_002", "mobilenetv3_small_050", "resnetv2_50"],
+    "stage": [
+        "resnet18",
+        "convnext_atto",
+        "efficientnet_b0",
+        "regnety_002",
+        "mobilenetv3_small_050",
+        "resnetv2_50",
+    ],
 }
 
 
@@ -81,7 +96,10 @@ def test_block_placement_without_slot_says_how_to_fix():
 
 def test_stage_selection_and_errors():
     model = visattn.create_model("resnet18", "ccnet", stages=[2])
-    assert [n for n, m in model.named_modules() if getattr(type(m), "attn_name", "")] == ["layer2.0.se", "layer2.1.se"]
+    assert [n for n, m in model.named_modules() if getattr(type(m), "attn_name", "")] == [
+        "layer2.0.se",
+        "layer2.1.se",
+    ]
     with pytest.raises(ValueError, match=r"valid stages: 0: act1"):
         visattn.create_model("resnet18", "ccnet", stages=[7])
     with pytest.raises(ValueError, match="did you mean 'ccnet'"):
@@ -97,13 +115,27 @@ def test_stage_selection_and_errors():
 def test_features_only_output_stride_8(placement):
     torch.manual_seed(0)
     model = visattn.create_model(
-        "resnet18", "ccnet", placement=placement, features_only=True, output_stride=8, out_indices=(1, 2, 3, 4)
+        "resnet18",
+        "ccnet",
+        placement=placement,
+        features_only=True,
+        output_stride=8,
+        out_indices=(1, 2, 3, 4),
     ).eval()
-    plain = timm.create_model("resnet18", features_only=True, output_stride=8, out_indices=(1, 2, 3, 4)).eval()
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if "se." not in k and "visattn_attn" not in k})
+    plain = timm.create_model(
+        "resnet18", features_only=True, output_stride=8, out_indices=(1, 2, 3, 4)
+    ).eval()
+    plain.load_state_dict(
+        {k: v for k, v in model.state_dict().items() if "se." not in k and "visattn_attn" not in k}
+    )
     with torch.no_grad():
         feats = model(X)
-        assert [tuple(f.shape) for f in feats] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 8, 8), (2, 512, 8, 8)]
+        assert [tuple(f.shape) for f in feats] == [
+            (2, 64, 16, 16),
+            (2, 128, 8, 8),
+            (2, 256, 8, 8),
+            (2, 512, 8, 8),
+        ]
         for m in model.modules():
             if getattr(type(m), "attn_name", "") == "ccnet":
                 perturb_(m, seed=2)
@@ -147,7 +179,9 @@ def test_registered_model_loads_backbone_weights_and_keeps_attention_init(tmp_pa
     path = tmp_path / "r50.pth"
     torch.save(plain.state_dict(), path)
     model = timm.create_model(
-        "visattn_resnet50_gcnet", pretrained=True, num_classes=10,
+        "visattn_resnet50_gcnet",
+        pretrained=True,
+        num_classes=10,
         pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
     ).eval()
     with torch.no_grad():

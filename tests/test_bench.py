@@ -29,7 +29,9 @@ def test_saved_bytes_of_known_ops():
     x = torch.randn(64, 32, requires_grad=True)
     assert saved_activation_bytes(torch.sigmoid, x) == 64 * 32 * 4  # sigmoid saves its output
     lin = torch.nn.Linear(32, 8)
-    assert saved_activation_bytes(lin, x) == 64 * 32 * 4  # input saved; the weight is a parameter, not counted
+    assert (
+        saved_activation_bytes(lin, x) == 64 * 32 * 4
+    )  # input saved; the weight is a parameter, not counted
     assert saved_activation_bytes(lambda t: t.view(-1).view(64, 32).sigmoid(), x) == 64 * 32 * 4
 
 
@@ -42,7 +44,9 @@ def test_growth_exponent_recovers_power_law():
 
 def test_fit_exponents_per_block():
     rows = [
-        BenchRow("a", 1, 8, s, s, "float32", "cpu", 1, s**2 * 1.0, float(s**4), float(s**2), float(s**2), None, 0.1)
+        BenchRow(
+            "a", 1, 8, s, s, "float32", "cpu", 1, s**2 * 1.0, float(s**4), float(s**2), float(s**2), None, 0.1
+        )
         for s in (8, 16, 32)
     ]
     fit = fit_exponents(rows)[("a", "float32")]
@@ -51,9 +55,26 @@ def test_fit_exponents_per_block():
 
 def test_bench_cli_smoke_writes_csv_and_png(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    code = cli.main(["bench", "cbam", "gcnet", "--sizes", "8,16", "--batch", "1", "--channels", "16",
-                     "--min-run-time", "0.01", "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path),
-                     "--no-progress"])
+    code = cli.main(
+        [
+            "bench",
+            "cbam",
+            "gcnet",
+            "--sizes",
+            "8,16",
+            "--batch",
+            "1",
+            "--channels",
+            "16",
+            "--min-run-time",
+            "0.01",
+            "--csv",
+            str(tmp_path / "b.csv"),
+            "--plot",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "cbam" in out and "gcnet" in out and "fitted exponents" in out
@@ -68,10 +89,10 @@ def test_peer_comparison_reports_ratio_and_missing_peers(monkeypatch):
     from visattn.bench import peers
 
     rows = peers.compare(["cbam"], batch=1, channels=16, size=(8, 8), min_run_time=0.01)
-    (ours, peer, label), = rows
+    ((ours, peer, label),) = rows
     assert peer is not None and "CbamModule" in label and peer.params > 0 and peer.fwd_bwd_ms > 0
     missing = peers.PeerSpec("ghost", "no_such_package_xyz", lambda c, hw: None)
     monkeypatch.setitem(peers.PEERS, "cbam", [missing])
-    (_, peer, label), = peers.compare(["cbam"], batch=1, channels=16, size=(8, 8), min_run_time=0.01)
+    ((_, peer, label),) = peers.compare(["cbam"], batch=1, channels=16, size=(8, 8), min_run_time=0.01)
     assert peer is None and "not installed" in label
     assert "not installed" in peers.format_ratios([(ours, None, label)])

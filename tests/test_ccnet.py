@@ -51,7 +51,7 @@ def test_no_quadratic_intermediate():
     block = visattn.create_attn("ccnet", 32).eval()
     with torch.no_grad():
         f = [count_flops(block, feature_map(1, 32, s, s)) for s in (32, 64)]
-    assert f[1] / f[0] < 4 ** 1.6
+    assert f[1] / f[0] < 4**1.6
 
 
 def test_invalid_hyperparameters():

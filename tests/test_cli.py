@@ -28,7 +28,9 @@ def test_info_unknown_name_fails_cleanly(capsys):
 
 
 def test_console_entry_point_runs():
-    res = subprocess.run([sys.executable, "-m", "visattn.cli", "list", "axial"], capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "visattn.cli", "list", "axial"], capture_output=True, text=True
+    )
     assert res.returncode == 0 and "axial" in res.stdout
 
 

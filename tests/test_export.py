@@ -80,4 +80,6 @@ def test_support_doc_lists_every_block():
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "support.md").read_text()
     for name in visattn.list_attns():
-        assert f"| `{name}` |" in text, f"docs/support.md lacks {name}: run `visattn support -o docs/support.md`"
+        assert f"| `{name}` |" in text, (
+            f"docs/support.md lacks {name}: run `visattn support -o docs/support.md`"
+        )

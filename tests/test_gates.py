@@ -13,7 +13,9 @@ def test_cbam_equals_explicit_gates():
         mx = x.flatten(2).max(-1).values[..., None, None]
         channel = torch.sigmoid(mlp(avg) + mlp(mx))
         y = x * channel
-        spatial = torch.sigmoid(block.spatial(torch.cat([y.max(1, keepdim=True).values, y.mean(1, keepdim=True)], 1)))
+        spatial = torch.sigmoid(
+            block.spatial(torch.cat([y.max(1, keepdim=True).values, y.mean(1, keepdim=True)], 1))
+        )
         torch.testing.assert_close(block(x), y * spatial, atol=1e-6, rtol=1e-6)
 
 

@@ -10,8 +10,16 @@ from visattn.layers import AttnBlock
 from visattn.registry import _REGISTRY
 
 INFO = dict(
-    title="t", arxiv="2001.00001", year=2020, family="gate", complexity="O(N)", flops_exponent=1.0,
-    native_2d=True, causal=False, identity_init=False, idea="i",
+    title="t",
+    arxiv="2001.00001",
+    year=2020,
+    family="gate",
+    complexity="O(N)",
+    flops_exponent=1.0,
+    native_2d=True,
+    causal=False,
+    identity_init=False,
+    idea="i",
 )
 
 
@@ -83,9 +91,7 @@ def test_timm_attn_layer(name):
     """timm >= 1.0.21 calls attn_layer(channels, device=..., dtype=...) inside every residual block."""
     attn_layer = functools.partial(visattn.create_attn, name)
     model = timm.create_model("resnet18", num_classes=10, block_args=dict(attn_layer=attn_layer)).eval()
-    blocks = [
-        m for m in model.modules() if getattr(type(m), "attn_name", None) == name
-    ]
+    blocks = [m for m in model.modules() if getattr(type(m), "attn_name", None) == name]
     assert len(blocks) == 8  # one per BasicBlock
     with torch.no_grad():
         out = model(torch.randn(1, 3, 64, 64))

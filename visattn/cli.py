@@ -63,13 +63,26 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.quick:
         sizes, batch, channels, min_run = [(16, 16), (32, 32)], 1, 64, 0.02
     else:
-        sizes, batch, channels, min_run = _parse_sizes(args.sizes), args.batch, args.channels, args.min_run_time
+        sizes, batch, channels, min_run = (
+            _parse_sizes(args.sizes),
+            args.batch,
+            args.channels,
+            args.min_run_time,
+        )
     dtypes = [getattr(torch, d) for d in args.dtype]
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("visattn: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
-    rows = runner.run_sweep(names, sizes, batch=batch, channels=channels, dtypes=dtypes, device=args.device,
-                            min_run_time=min_run, progress=not args.no_progress)
+    rows = runner.run_sweep(
+        names,
+        sizes,
+        batch=batch,
+        channels=channels,
+        dtypes=dtypes,
+        device=args.device,
+        min_run_time=min_run,
+        progress=not args.no_progress,
+    )
     print(runner.format_table(rows))
     fits = runner.fit_exponents(rows)
     if fits:
@@ -80,8 +93,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if args.peers:
         from .bench import peers
 
-        peer_rows = peers.compare(names, batch=batch, channels=channels, size=sizes[-1], dtype=dtypes[0],
-                                  device=args.device, min_run_time=min_run)
+        peer_rows = peers.compare(
+            names,
+            batch=batch,
+            channels=channels,
+            size=sizes[-1],
+            dtype=dtypes[0],
+            device=args.device,
+            min_run_time=min_run,
+        )
         print("\npeers (ratio = ours / peer; < 1 is better):")
         print(peers.format_ratios(peer_rows))
     if args.csv:
@@ -132,8 +152,11 @@ def _cmd_support(args: argparse.Namespace) -> int:
     rows = []
     for name in names:
         row = export.support_row(name)
-        print(f"{name:<20} fullgraph={row.compile_fullgraph} export={row.torch_export} onnx={row.onnx_export} "
-              f"err={row.onnx_max_error} dynamic={row.dynamic_hw} {row.note}", flush=True)
+        print(
+            f"{name:<20} fullgraph={row.compile_fullgraph} export={row.torch_export} onnx={row.onnx_export} "
+            f"err={row.onnx_max_error} dynamic={row.dynamic_hw} {row.note}",
+            flush=True,
+        )
         rows.append(row)
     if args.output:
         Path(args.output).write_text(export.support_markdown(rows))
@@ -142,7 +165,9 @@ def _cmd_support(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="visattn", description="Efficient attention blocks for computer vision.")
+    parser = argparse.ArgumentParser(
+        prog="visattn", description="Efficient attention blocks for computer vision."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="table of all blocks")
@@ -162,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=int, default=256)
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--min-run-time", type=float, default=0.2, help="seconds per timing (torch.utils.benchmark)")
+    p.add_argument(
+        "--min-run-time", type=float, default=0.2, help="seconds per timing (torch.utils.benchmark)"
+    )
     p.add_argument("--quick", action="store_true", help="B=1, C=64, 16x16 and 32x32, short timings")
     p.add_argument("--peers", action="store_true", help="also time installed public implementations")
     p.add_argument("--csv")

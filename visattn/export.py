@@ -17,8 +17,16 @@ import torch
 
 from .registry import attn_info, create_attn, list_attns
 
-__all__ = ["export_onnx", "onnx_max_error", "export_program", "graph_breaks", "support_row", "SupportRow",
-           "support_markdown", "NotExportableError"]
+__all__ = [
+    "export_onnx",
+    "onnx_max_error",
+    "export_program",
+    "graph_breaks",
+    "support_row",
+    "SupportRow",
+    "support_markdown",
+    "NotExportableError",
+]
 
 EXAMPLE_SHAPE = (2, 32, 16, 20)
 SECOND_HW = (13, 9)
@@ -46,8 +54,9 @@ def export_onnx(module: torch.nn.Module, x: torch.Tensor, path: str | Path, *, d
     module = module.eval()
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=_dynamic_hw(x) if dynamic else None,
-                                    verbose=False)
+        program = torch.onnx.export(
+            module, (x,), dynamo=True, dynamic_shapes=_dynamic_hw(x) if dynamic else None, verbose=False
+        )
     program.save(str(path))
     return path
 

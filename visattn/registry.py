@@ -87,7 +87,9 @@ def register_attn(name: str, **info: Any):
     """
     unknown = sorted(set(info) - set(_INFO_FIELDS))
     if unknown:
-        raise TypeError(f"register_attn({name!r}): unknown AttnInfo field(s) {unknown}; valid: {_INFO_FIELDS}")
+        raise TypeError(
+            f"register_attn({name!r}): unknown AttnInfo field(s) {unknown}; valid: {_INFO_FIELDS}"
+        )
     record = AttnInfo(name=name, **info)
 
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
@@ -148,7 +150,9 @@ def create_attn(name: str, channels: int, **kwargs: Any) -> nn.Module:
     accepted = [p for p in list(inspect.signature(cls.__init__).parameters)[2:]]
     bad = sorted(set(kwargs) - set(accepted))
     if bad:
-        raise TypeError(f"{name} ({cls.__name__}) got unexpected keyword argument(s) {bad}; it accepts {accepted}")
+        raise TypeError(
+            f"{name} ({cls.__name__}) got unexpected keyword argument(s) {bad}; it accepts {accepted}"
+        )
     return cls(channels, **kwargs)
 
 

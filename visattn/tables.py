@@ -20,7 +20,9 @@ def block_rows(names: list[str] | None = None) -> list[tuple[str, ...]]:
 def text_table(rows: list[tuple[str, ...]], columns: tuple[str, ...] = COLUMNS, max_width: int = 60) -> str:
     clip = lambda s: s if len(s) <= max_width else s[: max_width - 1] + "…"  # noqa: E731
     rows = [tuple(clip(c) for c in r) for r in rows]
-    widths = [max(len(col), *(len(r[i]) for r in rows)) if rows else len(col) for i, col in enumerate(columns)]
+    widths = [
+        max(len(col), *(len(r[i]) for r in rows)) if rows else len(col) for i, col in enumerate(columns)
+    ]
     line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
     return "\n".join([line(columns), line(tuple("-" * w for w in widths)), *(line(r) for r in rows)])
 

@@ -73,5 +73,7 @@ class CrissCrossAttention(AttnBlock):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         for _ in range(self.recurrence):
-            x = x + self.gamma * criss_cross_attention(self.query_conv(x), self.key_conv(x), self.value_conv(x))
+            x = x + self.gamma * criss_cross_attention(
+                self.query_conv(x), self.key_conv(x), self.value_conv(x)
+            )
         return x

@@ -55,7 +55,9 @@ class NonLocal(AttnBlock):
     ) -> None:
         super().__init__(channels)
         if reduction < 1 or channels // reduction < 1:
-            raise ValueError(f"nonlocal: reduction must be in [1, channels], got {reduction} for {channels} channels")
+            raise ValueError(
+                f"nonlocal: reduction must be in [1, channels], got {reduction} for {channels} channels"
+            )
         dd = factory_kwargs(device, dtype)
         inter = channels // reduction
         self.inter_channels = inter

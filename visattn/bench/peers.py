@@ -75,44 +75,178 @@ def _lucid(module: str, cls: str, wrap: str = "tokens", **kw):
 
 
 PEERS: dict[str, list[PeerSpec]] = {
-    "cbam": [PeerSpec("timm CbamModule", "timm", _timm_layer("timm.layers.cbam.CbamModule", rd_ratio=1 / 16), "r=16, 7x7")],
-    "gcnet": [PeerSpec("timm GlobalContext (gca)", "timm",
-                       _timm_layer("timm.layers.global_context.GlobalContext", fuse_add=True, fuse_scale=False, rd_ratio=1 / 16), "r=16, add")],
-    "nonlocal": [PeerSpec("timm NonLocalAttn", "timm",
-                          _timm_layer("timm.layers.non_local_attn.NonLocalAttn", use_scale=False, rd_ratio=1 / 2, rd_divisor=1), "C/2, no scale")],
-    "lambda": [
-        PeerSpec("timm LambdaLayer", "timm", _timm_layer("timm.layers.lambda_layer.LambdaLayer", r=23),
-                 "r=23, k=16, heads=4"),
-        PeerSpec("lambda-networks", "lambda_networks",
-                 _lucid("lambda_networks", "LambdaLayer", wrap="map", dim=lambda c, hw: c, dim_out=lambda c, hw: c,
-                        r=23, dim_k=16, heads=4, dim_u=1), "r=23, k=16, heads=4"),
+    "cbam": [
+        PeerSpec(
+            "timm CbamModule",
+            "timm",
+            _timm_layer("timm.layers.cbam.CbamModule", rd_ratio=1 / 16),
+            "r=16, 7x7",
+        )
     ],
-    "efficient_attention": [PeerSpec(
-        "linear-attention-transformer ImageLinearAttention", "linear_attention_transformer",
-        _lucid("linear_attention_transformer.images", "ImageLinearAttention", wrap="map", chan=lambda c, hw: c,
-               heads=8, key_dim=lambda c, hw: c // 8, value_dim=lambda c, hw: c // 8), "8 heads")],
-    "kronecker": [PeerSpec("kronecker-attention-pytorch", "kronecker_attention_pytorch",
-                           _lucid("kronecker_attention_pytorch", "KroneckerSelfAttention", wrap="map",
-                                  dim=lambda c, hw: c, heads=8, dim_heads=lambda c, hw: c // 8), "8 heads")],
-    "isab": [PeerSpec("isab-pytorch ISAB", "isab_pytorch",
-                      _lucid("isab_pytorch", "ISAB", dim=lambda c, hw: c, heads=4, num_latents=16), "4 heads, m=16")],
-    "performer": [PeerSpec("performer-pytorch SelfAttention", "performer_pytorch",
-                           _lucid("performer_pytorch", "SelfAttention", dim=lambda c, hw: c, heads=8,
-                                  dim_head=lambda c, hw: c // 8), "8 heads")],
-    "linformer": [PeerSpec("linformer LinformerSelfAttention", "linformer",
-                           _lucid("linformer", "LinformerSelfAttention", dim=lambda c, hw: c,
-                                  seq_len=lambda c, hw: hw[0] * hw[1], k=256, heads=8), "k=256, 8 heads")],
-    "nystrom": [PeerSpec("nystrom-attention NystromAttention", "nystrom_attention",
-                         _lucid("nystrom_attention", "NystromAttention", dim=lambda c, hw: c, heads=8,
-                                dim_head=lambda c, hw: c // 8, num_landmarks=256), "8 heads, 256 landmarks")],
-    "memory_compressed": [PeerSpec("memory-compressed-attention", "memory_compressed_attention",
-                                   _lucid("memory_compressed_attention", "MemoryCompressedAttention",
-                                          dim=lambda c, hw: c, heads=8, compression_factor=3), "8 heads, factor 3")],
-    "reformer": [PeerSpec("reformer-pytorch LSHSelfAttention", "reformer_pytorch",
-                          _lucid("reformer_pytorch", "LSHSelfAttention", dim=lambda c, hw: c, heads=8,
-                                 bucket_size=64, n_hashes=1), "8 heads, bucket 64, 1 hash")],
-    "pkm": [PeerSpec("product-key-memory PKM", "product_key_memory",
-                     _lucid("product_key_memory", "PKM", dim=lambda c, hw: c), "package defaults")],
+    "gcnet": [
+        PeerSpec(
+            "timm GlobalContext (gca)",
+            "timm",
+            _timm_layer(
+                "timm.layers.global_context.GlobalContext", fuse_add=True, fuse_scale=False, rd_ratio=1 / 16
+            ),
+            "r=16, add",
+        )
+    ],
+    "nonlocal": [
+        PeerSpec(
+            "timm NonLocalAttn",
+            "timm",
+            _timm_layer(
+                "timm.layers.non_local_attn.NonLocalAttn", use_scale=False, rd_ratio=1 / 2, rd_divisor=1
+            ),
+            "C/2, no scale",
+        )
+    ],
+    "lambda": [
+        PeerSpec(
+            "timm LambdaLayer",
+            "timm",
+            _timm_layer("timm.layers.lambda_layer.LambdaLayer", r=23),
+            "r=23, k=16, heads=4",
+        ),
+        PeerSpec(
+            "lambda-networks",
+            "lambda_networks",
+            _lucid(
+                "lambda_networks",
+                "LambdaLayer",
+                wrap="map",
+                dim=lambda c, hw: c,
+                dim_out=lambda c, hw: c,
+                r=23,
+                dim_k=16,
+                heads=4,
+                dim_u=1,
+            ),
+            "r=23, k=16, heads=4",
+        ),
+    ],
+    "efficient_attention": [
+        PeerSpec(
+            "linear-attention-transformer ImageLinearAttention",
+            "linear_attention_transformer",
+            _lucid(
+                "linear_attention_transformer.images",
+                "ImageLinearAttention",
+                wrap="map",
+                chan=lambda c, hw: c,
+                heads=8,
+                key_dim=lambda c, hw: c // 8,
+                value_dim=lambda c, hw: c // 8,
+            ),
+            "8 heads",
+        )
+    ],
+    "kronecker": [
+        PeerSpec(
+            "kronecker-attention-pytorch",
+            "kronecker_attention_pytorch",
+            _lucid(
+                "kronecker_attention_pytorch",
+                "KroneckerSelfAttention",
+                wrap="map",
+                dim=lambda c, hw: c,
+                heads=8,
+                dim_heads=lambda c, hw: c // 8,
+            ),
+            "8 heads",
+        )
+    ],
+    "isab": [
+        PeerSpec(
+            "isab-pytorch ISAB",
+            "isab_pytorch",
+            _lucid("isab_pytorch", "ISAB", dim=lambda c, hw: c, heads=4, num_latents=16),
+            "4 heads, m=16",
+        )
+    ],
+    "performer": [
+        PeerSpec(
+            "performer-pytorch SelfAttention",
+            "performer_pytorch",
+            _lucid(
+                "performer_pytorch",
+                "SelfAttention",
+                dim=lambda c, hw: c,
+                heads=8,
+                dim_head=lambda c, hw: c // 8,
+            ),
+            "8 heads",
+        )
+    ],
+    "linformer": [
+        PeerSpec(
+            "linformer LinformerSelfAttention",
+            "linformer",
+            _lucid(
+                "linformer",
+                "LinformerSelfAttention",
+                dim=lambda c, hw: c,
+                seq_len=lambda c, hw: hw[0] * hw[1],
+                k=256,
+                heads=8,
+            ),
+            "k=256, 8 heads",
+        )
+    ],
+    "nystrom": [
+        PeerSpec(
+            "nystrom-attention NystromAttention",
+            "nystrom_attention",
+            _lucid(
+                "nystrom_attention",
+                "NystromAttention",
+                dim=lambda c, hw: c,
+                heads=8,
+                dim_head=lambda c, hw: c // 8,
+                num_landmarks=256,
+            ),
+            "8 heads, 256 landmarks",
+        )
+    ],
+    "memory_compressed": [
+        PeerSpec(
+            "memory-compressed-attention",
+            "memory_compressed_attention",
+            _lucid(
+                "memory_compressed_attention",
+                "MemoryCompressedAttention",
+                dim=lambda c, hw: c,
+                heads=8,
+                compression_factor=3,
+            ),
+            "8 heads, factor 3",
+        )
+    ],
+    "reformer": [
+        PeerSpec(
+            "reformer-pytorch LSHSelfAttention",
+            "reformer_pytorch",
+            _lucid(
+                "reformer_pytorch",
+                "LSHSelfAttention",
+                dim=lambda c, hw: c,
+                heads=8,
+                bucket_size=64,
+                n_hashes=1,
+            ),
+            "8 heads, bucket 64, 1 hash",
+        )
+    ],
+    "pkm": [
+        PeerSpec(
+            "product-key-memory PKM",
+            "product_key_memory",
+            _lucid("product_key_memory", "PKM", dim=lambda c, hw: c),
+            "package defaults",
+        )
+    ],
 }
 
 
@@ -132,8 +266,15 @@ def compare(
         specs = PEERS.get(name, [])
         if not specs:
             continue
-        ours = bench_block(name, batch=batch, channels=channels, size=size, dtype=dtype, device=device,
-                           min_run_time=min_run_time)
+        ours = bench_block(
+            name,
+            batch=batch,
+            channels=channels,
+            size=size,
+            dtype=dtype,
+            device=device,
+            min_run_time=min_run_time,
+        )
         for spec in specs:
             try:
                 importlib.import_module(spec.package)
@@ -143,8 +284,17 @@ def compare(
             try:
                 torch.manual_seed(0)
                 module = spec.build(channels, size)
-                row = bench_block(name, batch=batch, channels=channels, size=size, dtype=dtype, device=device,
-                                  module=module, label=spec.label, min_run_time=min_run_time)
+                row = bench_block(
+                    name,
+                    batch=batch,
+                    channels=channels,
+                    size=size,
+                    dtype=dtype,
+                    device=device,
+                    module=module,
+                    label=spec.label,
+                    min_run_time=min_run_time,
+                )
                 out.append((ours, row, f"{spec.label} ({spec.settings})"))
             except Exception as err:  # a broken peer is a finding to report, not a crash
                 out.append((ours, None, f"{spec.label}: failed: {type(err).__name__}: {str(err)[:80]}"))

@@ -20,19 +20,31 @@ def plot_scaling(rows: list[BenchRow], out_dir: str | Path, *, title: str = "") 
     out_dir.mkdir(parents=True, exist_ok=True)
     fits = fit_exponents(rows)
     written = []
-    for metric, label in (("fwd_bwd_ms", "forward+backward time (ms)"), ("saved_mib", "saved activations (MiB)")):
+    for metric, label in (
+        ("fwd_bwd_ms", "forward+backward time (ms)"),
+        ("saved_mib", "saved activations (MiB)"),
+    ):
         fig, ax = plt.subplots(figsize=(9, 6.5))
         keys = sorted({(r.name, r.dtype) for r in rows if r.status == "ok"})
         cmap = plt.get_cmap("tab20")
         for i, key in enumerate(keys):
-            rs = sorted((r for r in rows if (r.name, r.dtype) == key and r.status == "ok"), key=lambda r: r.tokens)
+            rs = sorted(
+                (r for r in rows if (r.name, r.dtype) == key and r.status == "ok"), key=lambda r: r.tokens
+            )
             if len(rs) < 2:
                 continue
             exp = fits.get(key, {}).get(metric)
             name = key[0] if len({k[1] for k in keys}) == 1 else f"{key[0]} ({key[1]})"
-            ax.plot([r.tokens for r in rs], [getattr(r, metric) for r in rs], marker="o", ms=3, lw=1,
-                    color=cmap(i % 20), ls="-" if i < 20 else "--",
-                    label=f"{name}: N^{exp:.2f}" if exp is not None else name)
+            ax.plot(
+                [r.tokens for r in rs],
+                [getattr(r, metric) for r in rs],
+                marker="o",
+                ms=3,
+                lw=1,
+                color=cmap(i % 20),
+                ls="-" if i < 20 else "--",
+                label=f"{name}: N^{exp:.2f}" if exp is not None else name,
+            )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("N = H·W")

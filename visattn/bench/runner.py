@@ -21,7 +21,15 @@ from torch.utils import benchmark
 from ..registry import attn_info, create_attn
 from .measure import count_flops, growth_exponent, saved_activation_bytes
 
-__all__ = ["BenchRow", "bench_block", "run_sweep", "matmul_flops_per_s", "write_csv", "write_json", "fit_exponents"]
+__all__ = [
+    "BenchRow",
+    "bench_block",
+    "run_sweep",
+    "matmul_flops_per_s",
+    "write_csv",
+    "write_json",
+    "fit_exponents",
+]
 
 
 @dataclass
@@ -118,10 +126,20 @@ def bench_block(
     rate = matmul_rate or matmul_flops_per_s(device, dtype)
     fraction = (flops / (t_fwd * 1e-3)) / rate if t_fwd > 0 else float("nan")
     return BenchRow(
-        name=label or name, batch=batch, channels=channels, height=h, width=w,
-        dtype=str(dtype).replace("torch.", ""), device=str(device), params=params,
-        fwd_ms=t_fwd, fwd_bwd_ms=t_fwd_bwd, fwd_gflops=flops / 1e9, saved_mib=saved / 2**20,
-        peak_mib=peak, matmul_fraction=fraction,
+        name=label or name,
+        batch=batch,
+        channels=channels,
+        height=h,
+        width=w,
+        dtype=str(dtype).replace("torch.", ""),
+        device=str(device),
+        params=params,
+        fwd_ms=t_fwd,
+        fwd_bwd_ms=t_fwd_bwd,
+        fwd_gflops=flops / 1e9,
+        saved_mib=saved / 2**20,
+        peak_mib=peak,
+        matmul_fraction=fraction,
     )
 
 
@@ -147,13 +165,37 @@ def run_sweep(
         bar.set_description(f"{name} {size[0]}x{size[1]} {str(dt).replace('torch.', '')}")
         try:
             rows.append(
-                bench_block(name, batch=batch, channels=channels, size=size, dtype=dt, device=device,
-                            matmul_rate=rates[dt], min_run_time=min_run_time)
+                bench_block(
+                    name,
+                    batch=batch,
+                    channels=channels,
+                    size=size,
+                    dtype=dt,
+                    device=device,
+                    matmul_rate=rates[dt],
+                    min_run_time=min_run_time,
+                )
             )
         except Exception as err:  # one failing block must not end a long sweep
-            rows.append(BenchRow(name, batch, channels, size[0], size[1], str(dt).replace("torch.", ""), device,
-                                 0, math.nan, math.nan, math.nan, math.nan, None, math.nan,
-                                 status=f"error: {type(err).__name__}: {err}"[:200]))
+            rows.append(
+                BenchRow(
+                    name,
+                    batch,
+                    channels,
+                    size[0],
+                    size[1],
+                    str(dt).replace("torch.", ""),
+                    device,
+                    0,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    math.nan,
+                    None,
+                    math.nan,
+                    status=f"error: {type(err).__name__}: {err}"[:200],
+                )
+            )
         finally:
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -203,8 +245,20 @@ def fit_exponents(rows: list[BenchRow]) -> dict[tuple[str, str], dict[str, float
     return out
 
 
-COLUMNS = ("name", "dtype", "height", "width", "params", "fwd_ms", "fwd_bwd_ms", "fwd_gflops", "saved_mib",
-           "peak_mib", "matmul_fraction", "status")
+COLUMNS = (
+    "name",
+    "dtype",
+    "height",
+    "width",
+    "params",
+    "fwd_ms",
+    "fwd_bwd_ms",
+    "fwd_gflops",
+    "saved_mib",
+    "peak_mib",
+    "matmul_fraction",
+    "status",
+)
 
 
 def format_table(rows: list[BenchRow]) -> str:
@@ -234,8 +288,10 @@ def write_csv(rows: list[BenchRow], path: str | Path) -> None:
 def write_json(rows: list[BenchRow], path: str | Path, meta: dict | None = None) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"meta": {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__, **(meta or {})},
-               "rows": [asdict(r) for r in rows]}
+    payload = {
+        "meta": {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__, **(meta or {})},
+        "rows": [asdict(r) for r in rows],
+    }
     path.write_text(json.dumps(payload, indent=1, default=str))
 
 

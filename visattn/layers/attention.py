@@ -120,7 +120,12 @@ class MultiHeadAttention(nn.Module):
         context = x if context is None else context
         k, v = self.kv(context).chunk(2, dim=-1)
         out = multihead_sdpa(
-            self.q(x), k, v, self.heads, causal=causal, attn_mask=attn_mask,
+            self.q(x),
+            k,
+            v,
+            self.heads,
+            causal=causal,
+            attn_mask=attn_mask,
             dropout_p=self.attn_drop if self.training else 0.0,
         )
         return self.proj(out)

@@ -46,7 +46,11 @@ class ConvPosEnc(nn.Module):
             raise ValueError(f"ConvPosEnc: kernel_size must be odd and >= 1, got {kernel_size}")
         self.causal = causal
         self.proj = nn.Conv2d(
-            channels, channels, kernel_size, padding=kernel_size // 2, groups=channels,
+            channels,
+            channels,
+            kernel_size,
+            padding=kernel_size // 2,
+            groups=channels,
             **factory_kwargs(device, dtype),
         )
         if causal:
@@ -60,4 +64,6 @@ class ConvPosEnc(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.proj.weight if self.mask is None else self.proj.weight * self.mask.to(self.proj.weight)
-        return x + nn.functional.conv2d(x, weight, self.proj.bias, padding=self.proj.padding, groups=self.proj.groups)
+        return x + nn.functional.conv2d(
+            x, weight, self.proj.bias, padding=self.proj.padding, groups=self.proj.groups
+        )
