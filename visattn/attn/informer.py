@@ -1,0 +1,158 @@
+"""Informer: Beyond Efficient Transformer for Long Sequence Time-Series Forecasting (ProbSparse attention)
+— https://arxiv.org/abs/2012.07436
+
+Sequence method on the flattened map (raster order): the u = c·ln N pixels whose queries look most
+"active" (max minus mean of their scores on c·ln N sampled keys) attend to every pixel; the other
+("lazy") pixels output the mean of V (the running mean of V over earlier pixels when causal).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ..layers import AttnBlock, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers.hashing import resolve_seed
+from ..registry import register_attn
+
+_MASK31 = (1 << 31) - 1
+
+
+def hashed_uniform(n: int, seed: int | torch.Tensor, rows: int, device=None) -> torch.Tensor:
+    """(rows, n) pseudo-random numbers in [0, 1) from a counter-based integer hash of (seed, row, i).
+
+    A seeded generator that needs no state and no ``torch.Generator`` (so it compiles), gives the same
+    draw on every device and for every batch, and works for any n.
+    """
+    i = torch.arange(n, device=device, dtype=torch.int64).view(1, -1)
+    r = torch.arange(rows, device=device, dtype=torch.int64).view(-1, 1)
+    h = (i * 0x2F0B3A49 + r * 0x1B873593 + (seed & _MASK31)) & _MASK31
+    for mult in (0x5BD1E995 & _MASK31, 0x27D4EB2F):
+        # 31-bit xorshift-multiply rounds: products stay below 2^62, so int64 never overflows.
+        h = h ^ (h >> 15)
+        h = (h * mult) & _MASK31
+    h = h ^ (h >> 13)
+    return h.to(torch.float64).div(float(_MASK31 + 1)).float()
+
+
+@register_attn(
+    "informer",
+    title="Informer: Beyond Efficient Transformer for Long Sequence Time-Series Forecasting",
+    arxiv="2012.07436",
+    year=2021,
+    family="sparse",
+    complexity="O(N·log N·D)",
+    flops_exponent=1.1,
+    native_2d=False,
+    causal=True,
+    identity_init=True,
+    idea="ProbSparse: only the c·ln N most peaked queries attend; the lazy ones output mean(V)",
+    reference="https://github.com/zhouhaoyi/Informer2020",
+)
+class Informer(AttnBlock):
+    """ProbSparse self-attention, ``x + proj(attn(x))`` with a zero-initialised projection.
+
+    Per head: U = c·ceil(ln N) keys are sampled (one sample per head, shared by its queries: the
+    score block is Q·K_sᵀ, never the (N, U, d) gather of the authors' code), the sparsity measure
+    M(q_i) = max_j s_ij - mean_j s_ij over the sampled scores (the mean divides by the sample count, not
+    by N as the authors' code does), and the u = c·ceil(ln N) queries of largest M attend to all keys
+    through SDPA. The other queries output mean(V). With u = N (a large ``factor``) this is exactly full
+    softmax attention.
+
+    Sampling: in eval the keys come from a counter-based hash seeded by ``seed`` (deterministic, the
+    same for every sample of a batch); in training they are redrawn from the global RNG at every call,
+    as the paper samples afresh.
+
+    ``causal=True``: lazy queries output the running mean of V over pixels <= their own (the authors'
+    code uses the running sum); active queries attend to keys <= their own position (ProbMask); the
+    measure of a query uses only its sampled keys <= its position. Which queries are active is a top-u
+    over all queries (a discrete, gradient-free dependence on later pixels inherent to the method).
+    The encoder's distilling (conv + max-pool between layers) changes resolution and is not part of
+    this shape-preserving block.
+
+    Args:
+        channels: input channels C.
+        heads: attention heads (default: ``default_heads(C)``).
+        factor: c, the sampling factor for both u and U (paper: 5).
+        qkv_bias: bias of the q/k/v projections.
+        seed: seed of the eval-time key sample (None: drawn from the global RNG at construction).
+        causal: raster-order causal attention.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        heads: int | None = None,
+        factor: int = 5,
+        qkv_bias: bool = True,
+        seed: int | None = None,
+        causal: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(channels)
+        heads = default_heads(channels) if heads is None else heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
+            raise ValueError(
+                f"informer: heads must be a positive divisor of channels ({channels}), got {heads!r}"
+            )
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"informer: factor must be an int >= 1, got {factor!r}")
+        dd = factory_kwargs(device, dtype)
+        self.heads, self.head_dim, self.factor, self.causal = heads, channels // heads, factor, bool(causal)
+        # A buffer, so the eval-time sample travels with the state dict.
+        self.register_buffer("seed", torch.tensor(resolve_seed(seed) & _MASK31, device=device))
+        self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(channels, channels, **dd)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def budget(self, n: int) -> int:
+        """u (= U): min(c·ceil(ln n), n), as the authors' code."""
+        return min(self.factor * math.ceil(math.log(n)) if n > 1 else 1, n)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(to_tokens(x)), "b n (s h d) -> s b h n d", s=3, h=self.heads)
+        b, h, n, d = q.shape
+        u = self.budget(n)
+        pos = torch.arange(n, device=x.device)
+
+        with torch.no_grad():
+            noise = (
+                torch.rand(h, n, device=x.device)
+                if self.training
+                else hashed_uniform(n, self.seed, h, x.device)
+            )
+            sample = noise.topk(u, dim=-1).indices  # (h, U): U distinct keys per head
+            k_s = k.gather(2, sample.view(1, h, u, 1).expand(b, -1, -1, d))
+            scores = (q @ k_s.transpose(-1, -2)).float()  # (b, h, n, U)
+            if self.causal:
+                seen = sample.view(1, h, 1, u) <= pos.view(1, 1, n, 1)
+                top = scores.masked_fill(~seen, float("-inf")).amax(-1)
+                mean = scores.masked_fill(~seen, 0).sum(-1) / seen.sum(-1).clamp_min(1)
+                measure = torch.where(seen.any(-1), top - mean, float("-inf"))
+            else:
+                measure = scores.amax(-1) - scores.mean(-1)
+            active = measure.topk(u, dim=-1).indices.sort(-1).values  # (b, h, u), in raster order
+
+        q_top = q.gather(2, active.unsqueeze(-1).expand(-1, -1, -1, d))
+        mask = pos.view(1, 1, 1, n) <= active.unsqueeze(-1) if self.causal and u < n else None
+        out_top = F.scaled_dot_product_attention(
+            q_top, k, v, attn_mask=mask, is_causal=self.causal and u == n
+        )
+        if self.causal:
+            lazy = v.cumsum(2) / torch.arange(1, n + 1, device=x.device, dtype=v.dtype).view(1, 1, n, 1)
+        else:
+            lazy = v.mean(2, keepdim=True).expand(-1, -1, n, -1)
+        out = lazy.scatter(2, active.unsqueeze(-1).expand(-1, -1, -1, d), out_top)
+        out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
+        return x + to_map(out, height, width)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, heads={self.heads}, factor={self.factor}, causal={self.causal}"
