@@ -153,6 +153,23 @@ def test_causal_no_future_leak(name):
     assert (support & past).any(), f"{name}: causal output never depends on the past (test would be vacuous)"
 
 
+@pytest.mark.parametrize("name", CAUSAL_NAMES)
+def test_causal_no_future_leak_in_value(name):
+    """Gradients miss leaks through discrete choices (bucket, cluster or query selection): changing
+    every future pixel must leave every past output unchanged."""
+    h, w = 6, 7
+    block = build(name, causal=True).eval()
+    x = feature_map(1, C, h, w, seed=3)
+    with torch.no_grad():
+        ref = block(x).flatten(2)
+        for p in (5, 17, 30):
+            y = x.clone().flatten(2)
+            y[..., p + 1 :] = feature_map(1, C, 1, h * w - p - 1, seed=p).flatten(2) * 3
+            out = block(y.view_as(x)).flatten(2)
+            leak = (out[..., : p + 1] - ref[..., : p + 1]).abs().max().item()
+            assert leak <= 1e-5, f"{name}: changing pixels after {p} changes earlier outputs by {leak:.2e}"
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_flop_growth_within_declared_exponent(name):
     info = visattn.attn_info(name)
