@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import registry, tables
+from .predict_cli import add_predict_parser
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("docs", help="regenerate docs/blocks.md")
     p.add_argument("-o", "--output", default="docs/blocks.md")
     p.set_defaults(func=_cmd_docs)
+
+    add_predict_parser(sub)
     return parser
 
 
