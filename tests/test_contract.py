@@ -186,6 +186,9 @@ def test_flop_growth_within_declared_exponent(name):
 def test_compile_matches_eager(name):
     info = visattn.attn_info(name)
     block = build(name).eval()
+    # Every block shares AttnBlock.forward's code object; without a reset, dynamo's per-code-object
+    # recompile limit (8) is exhausted after a few blocks compiled separately in one process.
+    torch._dynamo.reset()
     compiled = torch.compile(block, backend="eager", fullgraph=info.compile_fullgraph)
     x = feature_map(2, C, 8, 12)
     with torch.no_grad():
