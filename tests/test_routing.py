@@ -58,12 +58,9 @@ def test_one_cluster_and_covering_window_is_full_attention(causal, shared_qk):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("shared_qk", [True, False])
-def test_routing_matches_a_per_cluster_loop(causal, shared_qk):
-    block = build(
-        "routing", 16, heads=2, local_heads=0, num_clusters=3, shared_qk=shared_qk, causal=causal
-    ).eval()
+def test_routing_matches_a_per_cluster_loop(shared_qk):
+    block = build("routing", 16, heads=2, local_heads=0, num_clusters=3, shared_qk=shared_qk).eval()
     x = feature_map(2, 16, 4, 5)
     with torch.no_grad():
         out = block(x)
@@ -81,13 +78,53 @@ def test_routing_matches_a_per_cluster_loop(causal, shared_qk):
                 qi = (F.normalize(q[bi, h], dim=-1) @ means[h, c]).topk(w).indices
                 ki = (F.normalize(k[bi, h], dim=-1) @ means[h, c]).topk(w).indices
                 s = q[bi, h, qi] @ k[bi, h, ki].T / math.sqrt(d)
-                if causal:
-                    s = s.masked_fill(ki.view(1, -1) > qi.view(-1, 1), float("-inf"))
-                p = torch.nan_to_num(s.softmax(-1))  # a query with no admissible key gets nothing
-                acc[bi, h, qi] += p @ v[bi, h, ki]
+                acc[bi, h, qi] += s.softmax(-1) @ v[bi, h, ki]
                 cnt[bi, h, qi] += 1
     ref = _finish(block, x, acc / cnt.clamp_min(1).unsqueeze(-1))
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_causal_routing_matches_a_per_query_loop(shared_qk):
+    """Causal: nearest-centroid clusters; a query sees the same-cluster keys <= its position among the
+    items of its chunk and the previous chunk (items of a cluster in (position, key-before-query) order,
+    chunks of L = w items, or 2w when keys and queries are separate items)."""
+    nc, (hh, ww) = 6, (4, 6)
+    block = build(
+        "routing", 16, heads=2, local_heads=0, num_clusters=nc, shared_qk=shared_qk, causal=True
+    ).eval()
+    x = feature_map(2, 16, hh, ww)
+    with torch.no_grad():
+        out = block(x)
+    q, k, v = _projections(block, x)
+    d, n = block.head_dim, hh * ww
+    q = F.layer_norm(q, (d,))
+    k = q if shared_qk else F.layer_norm(k, (d,))
+    means = block.means.double()
+    length = math.ceil(n / nc) * (1 if shared_qk else 2)
+    res, ranks, truncated = torch.zeros_like(v), [], False
+    for bi in range(2):
+        for h in range(2):
+            cq = (F.normalize(q[bi, h], dim=-1) @ means[h].T).argmax(-1).tolist()
+            ck = cq if shared_qk else (F.normalize(k[bi, h], dim=-1) @ means[h].T).argmax(-1).tolist()
+            for i in range(n):
+                c = cq[i]
+                if shared_qk:
+                    items = [(j, 0) for j in range(i + 1) if ck[j] == c]
+                else:
+                    items = sorted(
+                        [(j, 0) for j in range(i + 1) if ck[j] == c]
+                        + [(j, 1) for j in range(i + 1) if cq[j] == c]
+                    )
+                r = len(items) - 1  # the query's own item is its cluster's latest
+                ranks.append(r)
+                seen = [j for j, is_query in items[max(0, (r // length - 1) * length) :] if not is_query]
+                truncated |= len(seen) < sum(1 for j, is_query in items if not is_query)
+                if seen:
+                    s = q[bi, h, i] @ k[bi, h, seen].T / math.sqrt(d)
+                    res[bi, h, i] = s.softmax(-1) @ v[bi, h, seen]
+    assert max(ranks) >= 2 * length and truncated  # several chunks per cluster, some keys out of reach
+    torch.testing.assert_close(out.double(), _finish(block, x, res), atol=1e-5, rtol=1e-5)
 
 
 def test_topw_members_and_scatter_mean():
@@ -154,3 +191,18 @@ def test_invalid_hyperparameters():
     for kwargs in (dict(num_clusters=0), dict(local_heads=3, heads=2), dict(ema_decay=1.0), dict(heads=3)):
         with pytest.raises(ValueError, match="^routing: "):
             visattn.create_attn("routing", 16, **kwargs)
+
+
+@pytest.mark.parametrize("shared_qk", [True, False])
+def test_causal_past_outputs_ignore_future_values(shared_qk):
+    """Cluster membership is discrete (no gradient): change every later pixel and compare values."""
+    block = build("routing", 16, heads=2, local_heads=0, num_clusters=3, shared_qk=shared_qk, causal=True)
+    x = feature_map(1, 16, 6, 7, seed=1)
+    with torch.no_grad():
+        ref = block.eval()(x).flatten(2)
+        for p in (4, 20, 33):
+            y = x.clone().flatten(2)
+            y[..., p + 1 :] = 3 * feature_map(1, 16, 1, 41 - p, seed=p).flatten(2)
+            out = block(y.view_as(x)).flatten(2)
+            torch.testing.assert_close(out[..., : p + 1], ref[..., : p + 1], atol=1e-6, rtol=0)
+            assert not torch.allclose(out[..., p + 1 :], ref[..., p + 1 :])

@@ -60,32 +60,32 @@ def run(out_dir: Path, budget: float) -> None:
         except Exception as err:
             _jsonl(out_dir / "agree.jsonl", {"name": name, "error": f"{type(err).__name__}: {err}"[:200]})
     rates = {dt: matmul_flops_per_s(dev, dt) for dt in (torch.float32, torch.bfloat16)}
-    for dtype in (torch.bfloat16, torch.float32):
-        for size in ((64, 64), (128, 128)):
-            for name in names:
-                if time.time() - start > budget:
-                    print("budget reached", file=sys.stderr)
-                    return
-                try:
-                    row = asdict(
-                        bench_block(
-                            name,
-                            size=size,
-                            dtype=dtype,
-                            device="cuda",
-                            matmul_rate=rates[dtype],
-                            min_run_time=0.05,
-                        )
+
+    def sweep(size, dtype) -> bool:
+        for name in names:
+            if time.time() - start > budget:
+                print("budget reached", file=sys.stderr)
+                return False
+            try:
+                row = asdict(
+                    bench_block(
+                        name,
+                        size=size,
+                        dtype=dtype,
+                        device="cuda",
+                        matmul_rate=rates[dtype],
+                        min_run_time=0.05,
                     )
-                except Exception as err:
-                    row = {
-                        "name": name,
-                        "height": size[0],
-                        "dtype": str(dtype),
-                        "status": f"error: {err}"[:200],
-                    }
-                torch.cuda.empty_cache()
-                _jsonl(out_dir / "rows.jsonl", row)
+                )
+            except Exception as err:
+                row = {"name": name, "height": size[0], "dtype": str(dtype), "status": f"error: {err}"[:200]}
+            torch.cuda.empty_cache()
+            _jsonl(out_dir / "rows.jsonl", row)
+        return True
+
+    # Most informative first, so a run cut short by the device budget still answers the main question.
+    if not (sweep((64, 64), torch.bfloat16) and sweep((64, 64), torch.float32)):
+        return
     for ours, peer, label in peers.compare(names, device="cuda", min_run_time=0.05):
         _jsonl(
             out_dir / "peers.jsonl",
@@ -98,6 +98,8 @@ def run(out_dir: Path, budget: float) -> None:
                 "label": label,
             },
         )
+    if sweep((128, 128), torch.bfloat16):
+        sweep((128, 128), torch.float32)
 
 
 def _read(path: Path) -> list[dict]:

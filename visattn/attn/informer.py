@@ -3,7 +3,8 @@
 
 Sequence method on the flattened map (raster order): the u = c·ln N pixels whose queries look most
 "active" (max minus mean of their scores on c·ln N sampled keys) attend to every pixel; the other
-("lazy") pixels output the mean of V (the running mean of V over earlier pixels when causal).
+("lazy") pixels output the mean of V. Causal: lazy pixels take the running mean of V, and a pixel is
+active when its measure is in the top u/N fraction of the measures of pixels <= it (capped at 2u).
 """
 
 from __future__ import annotations
@@ -39,6 +40,45 @@ def hashed_uniform(n: int, seed: int | torch.Tensor, rows: int, device=None) -> 
     return h.to(torch.float64).div(float(_MASK31 + 1)).float()
 
 
+def causal_active(
+    measure: torch.Tensor, u: int, cap: int, block: int = 64
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal ProbSparse selection: query i is active when its measure is among the top
+    ``ceil(u·(i+1)/n)`` measures of queries <= i (the paper's top fraction u/n, applied to every
+    prefix; at i = n - 1 it is the paper's rule), finite, and fewer than ``cap`` earlier queries were
+    active. Every test reads positions <= i only.
+
+    Args:
+        measure: (b, h, n) sparsity measures (-inf: no sampled key yet).
+        block: raster blocks of this length are compared densely; earlier blocks through their top u.
+    Returns:
+        (b, h, cap) positions, the active ones first in raster order, and a (b, h, cap) flag of the
+        slots that hold an active query (the others hold distinct unused positions).
+    """
+    b, h, n = measure.shape
+    pos = torch.arange(n, device=measure.device)
+    ninf = float("-inf")
+    # M_i is in the top k of a prefix iff fewer than k prefix measures exceed it; as k <= u, counting
+    # among the top u of the earlier blocks is exact whenever it matters.
+    m = F.pad(measure, (0, -n % block), value=ninf).unflatten(-1, (-1, block))  # (b, h, nb, T)
+    tops = F.pad(m.topk(min(u, block), dim=-1).values, (0, max(u - block, 0)), value=ninf)
+    # Prefix top-u over blocks by a doubling (Hillis-Steele) scan: merged ranges are disjoint.
+    shift = 1
+    while shift < tops.shape[2]:
+        prev = F.pad(tops[:, :, :-shift], (0, 0, shift, 0), value=ninf)
+        tops = torch.cat([tops, prev], dim=-1).topk(u, dim=-1).values
+        shift *= 2
+    earlier = F.pad(tops[:, :, :-1], (0, 0, 1, 0), value=ninf)  # top u of the blocks before
+    above = (earlier.unsqueeze(-2) > m.unsqueeze(-1)).sum(-1)
+    inside = torch.ones(block, block, dtype=torch.bool, device=measure.device).tril()
+    above = above + ((m.unsqueeze(-2) > m.unsqueeze(-1)) & inside).sum(-1)
+    above = above.flatten(-2)[..., :n]
+    candidate = measure.isfinite() & (above < (u * (pos + 1) + n - 1) // n)  # ceil(u·(i+1)/n)
+    keep = candidate & (candidate.cumsum(-1) <= cap)
+    slots = torch.where(keep, n - pos, 0).topk(cap, dim=-1).indices
+    return slots, keep.gather(-1, slots)
+
+
 @register_attn(
     "informer",
     title="Informer: Beyond Efficient Transformer for Long Sequence Time-Series Forecasting",
@@ -69,8 +109,13 @@ class Informer(AttnBlock):
 
     ``causal=True``: lazy queries output the running mean of V over pixels <= their own (the authors'
     code uses the running sum); active queries attend to keys <= their own position (ProbMask); the
-    measure of a query uses only its sampled keys <= its position. Which queries are active is a top-u
-    over all queries (a discrete, gradient-free dependence on later pixels inherent to the method).
+    measure of a query uses only its sampled keys <= its position. Adapted selection (a top-u over all
+    queries would let later pixels decide whether an earlier one is active): query i is active when
+    its measure is among the top ceil(u·(i+1)/N) measures of queries <= i, i.e. in the paper's top
+    fraction u/N of every prefix (the paper's rule at i = N - 1), capped at 2u active queries in
+    raster order (a static budget, so the cost stays O(u·N); later candidates beyond the cap are
+    lazy). Queries before the first sampled key have no measure and are lazy. About u + ln(N/u)
+    queries are active on i.i.d. measures; with u = N every query is active (full causal attention).
     The encoder's distilling (conv + max-pool between layers) changes resolution and is not part of
     this shape-preserving block.
 
@@ -137,17 +182,19 @@ class Informer(AttnBlock):
                 top = scores.masked_fill(~seen, float("-inf")).amax(-1)
                 mean = scores.masked_fill(~seen, 0).sum(-1) / seen.sum(-1).clamp_min(1)
                 measure = torch.where(seen.any(-1), top - mean, float("-inf"))
+                active, keep = causal_active(measure, u, min(n, 2 * u))
             else:
                 measure = scores.amax(-1) - scores.mean(-1)
-            active = measure.topk(u, dim=-1).indices.sort(-1).values  # (b, h, u), in raster order
+                active = measure.topk(u, dim=-1).indices.sort(-1).values  # (b, h, u), in raster order
 
         q_top = q.gather(2, active.unsqueeze(-1).expand(-1, -1, -1, d))
-        mask = pos.view(1, 1, 1, n) <= active.unsqueeze(-1) if self.causal and u < n else None
-        out_top = F.scaled_dot_product_attention(
-            q_top, k, v, attn_mask=mask, is_causal=self.causal and u == n
-        )
+        mask = pos.view(1, 1, 1, n) <= active.unsqueeze(-1) if self.causal else None
+        out_top = F.scaled_dot_product_attention(q_top, k, v, attn_mask=mask)
         if self.causal:
             lazy = v.cumsum(2) / torch.arange(1, n + 1, device=x.device, dtype=v.dtype).view(1, 1, n, 1)
+            # Unused slots (fewer active queries than the cap) write back their own lazy output.
+            lazy_top = lazy.gather(2, active.unsqueeze(-1).expand(-1, -1, -1, d))
+            out_top = torch.where(keep.unsqueeze(-1), out_top, lazy_top)
         else:
             lazy = v.mean(2, keepdim=True).expand(-1, -1, n, -1)
         out = lazy.scatter(2, active.unsqueeze(-1).expand(-1, -1, -1, d), out_top)

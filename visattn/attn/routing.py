@@ -3,6 +3,7 @@
 Sequence method on the flattened map (raster order). Routing heads: queries/keys layer-normalised, routed
 by online spherical k-means (EMA centroids) so each centroid takes its top-w queries and keys, w = N / k;
 attention within clusters. Local heads attend within non-overlapping 2D P x P windows instead of 1D blocks.
+Causal: nearest-centroid clusters attended causally in per-cluster chunks (top-w would read the future).
 """
 
 from __future__ import annotations
@@ -22,6 +23,76 @@ def _positive_int(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"routing: {name} must be an int >= {minimum}, got {value!r}")
     return value
+
+
+def _causal_cluster_attention(q, k, v, q_assign, k_assign, nc: int, w: int, shared_qk: bool) -> torch.Tensor:
+    """Causal attention within nearest-centroid clusters, chunked per cluster, (b, h, n, d) -> (b, h, n, d).
+
+    Items (the tokens when QK is shared; else every key and every query as separate items, a pixel's
+    key before its query) are sorted by (cluster, position) and each cluster's run is padded to a
+    multiple of the chunk length L (w, or 2w for the two items per pixel). A chunk attends to itself
+    and the previous chunk, masked to keys of the same cluster at positions <= the query's. An item's
+    rank in its cluster counts only earlier items, so the keys a query sees depend on the past only;
+    other clusters merely shift where its chunk lies.
+    """
+    b, h, n, d = q.shape
+    dev = q.device
+    pos = torch.arange(n, device=dev)
+    if shared_qk:
+        cluster, order, is_key = q_assign, pos, None
+        iq, ik, iv, length = q, k, v, w
+    else:
+        cluster = torch.cat([k_assign, q_assign], dim=2)
+        order = torch.cat([2 * pos, 2 * pos + 1])
+        is_key = torch.arange(2 * n, device=dev) < n
+        iq, ik, iv, length = torch.cat([q, q], 2), torch.cat([k, k], 2), torch.cat([v, v], 2), 2 * w
+    m = cluster.shape[-1]
+    # Every cluster adds at most L - 1 padding slots: a static slot count (compiles, no data-dependent shape).
+    chunks = (m + nc * (length - 1)) // length
+    slots = chunks * length
+    with torch.no_grad():
+        perm = (cluster * m + order).argsort(dim=-1)
+        counts = torch.zeros(b, h, nc, dtype=torch.long, device=dev).scatter_add_(
+            -1, cluster, torch.ones_like(cluster)
+        )
+        padded = (counts + length - 1) // length * length
+        sorted_cluster = cluster.gather(-1, perm)
+        rank = torch.arange(m, device=dev) - (counts.cumsum(-1) - counts).gather(-1, sorted_cluster)
+        slot_sorted = (padded.cumsum(-1) - padded).gather(-1, sorted_cluster) + rank
+        # Slot -> item (m: an empty slot, read from an appended dummy row); item -> slot.
+        item_at = torch.full((b, h, slots), m, dtype=torch.long, device=dev).scatter_(-1, slot_sorted, perm)
+        slot_of = torch.empty_like(perm).scatter_(-1, perm, slot_sorted)
+        at_cluster = F.pad(cluster, (0, 1), value=-1).gather(-1, item_at)
+        key_ok = at_cluster >= 0
+        if is_key is not None:
+            key_ok = key_ok & F.pad(is_key, (0, 1), value=False)[item_at]
+
+    def chunked(x):  # (b, h, m, d) items -> (b, h, chunks, L, d) slots, zeros in empty slots
+        return gather_tokens(F.pad(x, (0, 0, 0, 1)), item_at).unflatten(2, (chunks, length))
+
+    def with_previous(x):  # keys of the previous chunk, then this chunk's: (b, h, chunks, 2L, d)
+        return torch.cat([F.pad(x[:, :, :-1], (0, 0, 0, 0, 1, 0)), x], dim=3)
+
+    cq, ck, cv = chunked(iq), with_previous(chunked(ik)), with_previous(chunked(iv))
+    with torch.no_grad():
+        # A chunk holds one cluster's items in (position, key-first) order, so "same cluster and not
+        # later" is: the previous chunk if it is the same cluster's, and earlier slots of this one.
+        key_ok = key_ok.unflatten(2, (chunks, length))
+        first = at_cluster.unflatten(2, (chunks, length))[..., 0]  # -1: an unused trailing chunk
+        prev_same = (F.pad(first[:, :, :-1], (1, 0), value=-1) == first) & (first >= 0)
+        prev_ok = F.pad(key_ok[:, :, :-1], (0, 0, 1, 0), value=False) & prev_same.unsqueeze(-1)
+        has_key = (key_ok.cumsum(-1) > 0) | prev_ok.any(-1, keepdim=True)
+        eye = torch.eye(length, dtype=torch.bool, device=dev)
+        # A row without an admissible key would be all -inf (NaN): open its diagonal, zero its output.
+        cur = (eye.logical_not().tril() & key_ok.unsqueeze(-2)) | (eye & (key_ok | ~has_key).unsqueeze(-1))
+        mask = torch.cat([prev_ok.unsqueeze(-2).expand_as(cur), cur], dim=-1)
+    out = F.scaled_dot_product_attention(
+        cq.flatten(1, 2), ck.flatten(1, 2), cv.flatten(1, 2), attn_mask=mask.flatten(1, 2)
+    )
+    has_key = has_key.unsqueeze(-1)
+    out = out * has_key.flatten(1, 2).to(out.dtype)
+    out = gather_tokens(out.reshape(b, h, slots, d), slot_of)
+    return out if shared_qk else out[:, :, n:]
 
 
 @register_attn(
@@ -54,10 +125,16 @@ class Routing(AttnBlock):
     The cluster count k is fixed by the centroid buffer, so w = N / k grows with the map and routing
     costs N²·D / k (the paper's O(N^1.5) needs k ~ √N; its image settings use k = 6-8).
 
-    ``causal=True``: within a cluster a query attends only to keys at raster positions <= its own
-    (masked by original position); a query whose cluster holds no such key gets no routing output;
-    local windows are causal. Which tokens share a cluster depends on all tokens (a discrete,
-    gradient-free dependence on the future that top-w routing has by construction).
+    ``causal=True`` (adapted: top-w membership ranks every token, so it depends on the future): each
+    query and key joins its nearest centroid, the paper's routing rule μ(Q_i) = μ(K_j) (argmax of the
+    cosine with the centroid buffer, a function of the token alone), and a query attends to the keys
+    of its cluster at raster positions <= its own. To bound the cost as balancing does, a cluster's
+    items (tokens when QK is shared; else keys and queries, a pixel's key first) are taken in raster
+    order in chunks of L = w items (2w when unshared) and a query sees its chunk and the previous
+    one: at least the last ~w same-cluster tokens, all of them while its cluster has fewer than 2L
+    items before it. The keys a query sees depend only on pixels <= its own; with one cluster this is
+    full causal attention. A query without an admissible key gets no routing output. Local windows
+    are causal. Training (EMA step, commitment loss) is unchanged.
 
     Args:
         channels: input channels C.
@@ -142,29 +219,22 @@ class Routing(AttnBlock):
         with torch.no_grad():
             q_scores = centroid_scores(qu, self.means)
             k_scores = q_scores if self.shared_qk else centroid_scores(ku, self.means)
-            q_idx = topw_members(q_scores, w)  # (b, h, nc, w)
-            k_idx = q_idx if self.shared_qk else topw_members(k_scores, w)
         if self.training:
             self._learn(qu, ku, q_scores, k_scores)
         else:
             self.aux_loss = None
+        if self.causal:
+            q_assign = q_scores.argmax(dim=2)
+            k_assign = q_assign if self.shared_qk else k_scores.argmax(dim=2)
+            return _causal_cluster_attention(q, k, v, q_assign, k_assign, nc, w, self.shared_qk)
 
+        with torch.no_grad():
+            q_idx = topw_members(q_scores, w)  # (b, h, nc, w)
+            k_idx = q_idx if self.shared_qk else topw_members(k_scores, w)
         cq = gather_tokens(q, q_idx).flatten(1, 2)  # (b, h*nc, w, d)
         ck = gather_tokens(k, k_idx).flatten(1, 2)
         cv = gather_tokens(v, k_idx).flatten(1, 2)
-        mask, has_key = None, None
-        if self.causal and self.shared_qk:
-            # Members are sorted by position and queries = keys: the position mask is lower-triangular.
-            out = F.scaled_dot_product_attention(cq, ck, cv, is_causal=True)
-        else:
-            if self.causal:
-                mask = k_idx.flatten(1, 2).unsqueeze(-2) <= q_idx.flatten(1, 2).unsqueeze(-1)
-                has_key = mask.any(-1, keepdim=True)
-                # A row without an admissible key would be all -inf (NaN); open it and zero its output.
-                mask = mask | ~has_key
-            out = F.scaled_dot_product_attention(cq, ck, cv, attn_mask=mask)
-            if has_key is not None:
-                out = out * has_key.to(out.dtype)
+        out = F.scaled_dot_product_attention(cq, ck, cv)
         return scatter_mean(out.unflatten(1, (h, nc)), q_idx, n)
 
     def _learn(self, qu, ku, q_scores, k_scores) -> None:
