@@ -1,0 +1,190 @@
+"""Compressive Transformers for Long-Range Sequence Modelling — https://arxiv.org/abs/1911.05507
+
+2D adaptation: the map is a sequence of row-bands (the paper's segments) in raster order. Each band attends
+to [compressed memory; memory; itself]; the memory keeps the last rows of past bands (the block's input, as
+Transformer-XL keeps layer inputs) and rows evicted from it are compressed along the row by a strided
+1 x c convolution (the paper's 1-D conv over the raster sequence, rate c = 3) into the compressed memory.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import default_heads, factory_kwargs, multihead_sdpa, to_map, to_tokens
+from ..layers.streaming import BandRecurrentBlock, BandState
+from ..registry import register_attn
+
+
+def _check_int(name: str, value, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"compressive: {name} must be an int >= {low}, got {value!r}")
+    return value
+
+
+@register_attn(
+    "compressive",
+    title="Compressive Transformers for Long-Range Sequence Modelling",
+    arxiv="1911.05507",
+    year=2019,
+    family="memory",
+    complexity="O(N·(n_s + n_m + n_cm)·D), n_s = b·W tokens per band",
+    flops_exponent=1.5,
+    native_2d=False,
+    causal=True,
+    identity_init=True,
+    idea="row-bands as segments attending to [compressed memory; memory; band]; evicted rows conv-compressed",
+    reference="https://github.com/lucidrains/compressive-transformer-pytorch",
+)
+class CompressiveAttention(BandRecurrentBlock):
+    """``x + W_o MHA(band, [cmem; mem; band])`` band by band, with FIFO memory and conv-compressed eviction.
+
+    The map is cut into row-bands of ``band_rows`` rows (the last band keeps the remaining rows; no padding).
+    Band t's queries attend, in one softmax, to the keys/values of the compressed memory (``cmem_rows``
+    compressed rows of ``ceil(W/c)`` tokens), the memory (the last ``mem_rows`` input rows before the band)
+    and the band itself. Then the band's input rows are pushed into the memory; rows pushed out are
+    compressed by ``Conv2d(C, C, (1, c), stride=(1, c))`` (right zero-padding W to a multiple of c) and
+    pushed into the compressed memory, whose oldest rows are dropped. Defaults follow the paper's
+    n_s = n_m = n_cm, c = 3 (verify): one band of memory and 3·band_rows compressed rows (as many tokens as a
+    band, covering three bands). Memory rows keep their gradient inside a one-shot forward (the whole image is
+    one backward, not truncated BPTT).
+
+    The compression network is also trained by the paper's attention-reconstruction loss: in training mode,
+    every eviction adds ``mse(attn(q, compress(old)), attn(q, old))`` with stop-gradients everywhere except
+    into the conv; the sum over a forward is ``self.aux_loss`` (None in eval). Add it to the task loss.
+
+    Causal (``causal=True``): within a band, raster-order masking (band tokens are contiguous in raster
+    order); memories only hold rows of past bands, so output p depends only on inputs <= p. Non-causal: full
+    attention inside the band, memories of past bands only: a band never sees the rows below it, and it
+    sees at most ``mem_rows + cmem_rows`` rows above it (compression is along the row), so the block is not
+    global in either mode. Content-only attention (Transformer-XL's relative position terms are not used).
+
+    Streaming: ``state = init_state(B, W)``; ``out, state = step(band, state)`` (see
+    :mod:`visattn.layers.streaming`); the state holds at most ``mem_rows`` memory rows (with their cached
+    keys/values) and the keys/values of ``cmem_rows`` compressed rows.
+
+    Args:
+        channels: input channels C.
+        band_rows: rows per band (segment) b; 2 gives several segments even on small maps (the paper's
+            512-token segment would be 8 rows of a 64-wide map).
+        mem_rows: rows of uncompressed memory n_m (default: ``band_rows``); 0 disables it.
+        cmem_rows: rows of compressed memory n_cm (default: ``3 * band_rows``); 0 disables it.
+        compression: compression rate c, kernel = stride of the compressing conv (paper: 3).
+        heads: attention heads (default: ``default_heads(C)``).
+        causal: raster-order causal masking.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        band_rows: int = 2,
+        mem_rows: int | None = None,
+        cmem_rows: int | None = None,
+        compression: int = 3,
+        heads: int | None = None,
+        causal: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(channels)
+        self.band_rows = _check_int("band_rows", band_rows, 1)
+        self.mem_rows = _check_int("mem_rows", band_rows if mem_rows is None else mem_rows, 0)
+        self.cmem_rows = _check_int("cmem_rows", 3 * band_rows if cmem_rows is None else cmem_rows, 0)
+        self.compression = _check_int("compression", compression, 1)
+        heads = default_heads(channels) if heads is None else heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
+            raise ValueError(
+                f"compressive: heads must be a positive divisor of channels ({channels}), got {heads!r}"
+            )
+        self.heads, self.causal = heads, causal
+        dd = factory_kwargs(device, dtype)
+        self.q = nn.Linear(channels, channels, **dd)
+        self.kv = nn.Linear(channels, 2 * channels, **dd)
+        self.compress = nn.Conv2d(channels, channels, (1, compression), stride=(1, compression), **dd)
+        self.proj = nn.Linear(channels, channels, **dd)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        self.aux_loss: torch.Tensor | None = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, band_rows={self.band_rows}, mem_rows={self.mem_rows}, "
+            f"cmem_rows={self.cmem_rows}, compression={self.compression}, heads={self.heads}, "
+            f"causal={self.causal}"
+        )
+
+    def init_state(self, batch: int, width: int, *, device=None, dtype=None) -> BandState:
+        """Empty memories for ``batch`` samples of width ``width``: the memory rows ``mem`` (B, C, 0, W), their
+        keys/values ``mem_kv`` (B, 2C, 0, W) and the keys/values of the compressed rows ``cmem_kv``
+        (B, 2C, 0, ceil(W/c)); they fill up to ``mem_rows`` and ``cmem_rows`` rows."""
+        c, wc = self.channels, -(-width // self.compression)
+        dd = {"device": device, "dtype": dtype}
+        return {
+            "mem": torch.zeros(batch, c, 0, width, **dd),
+            "mem_kv": torch.zeros(batch, 2 * c, 0, width, **dd),
+            "cmem_kv": torch.zeros(batch, 2 * c, 0, wc, **dd),
+        }
+
+    def _check_state(self, band: torch.Tensor, state: BandState) -> str | None:
+        if (
+            set(state) - {"aux_loss"} != {"mem", "mem_kv", "cmem_kv"}
+            or state["mem"].shape[3] != band.shape[3]
+        ):
+            return (
+                f"the state does not fit a band of shape {tuple(band.shape)}; create it with init_state(B, W)"
+            )
+        return None
+
+    def _compress(self, rows: torch.Tensor) -> torch.Tensor:
+        pad = -rows.shape[3] % self.compression
+        return self.compress(F.pad(rows, (0, pad)) if pad else rows)
+
+    def _step(self, band: torch.Tensor, state: BandState) -> tuple[torch.Tensor, BandState]:
+        _, _, rows, width = band.shape
+        mem, mem_kv, cmem_kv = state["mem"], state["mem_kv"], state["cmem_kv"]
+        tokens = to_tokens(band)
+        q, kv = self.q(tokens), self.kv(tokens)
+        # Keys/values of memory rows were computed when the rows were a band (or were compressed): the
+        # state caches them instead of projecting the memories again at every band.
+        past = torch.cat([to_tokens(cmem_kv), to_tokens(mem_kv)], dim=1).to(kv.dtype)
+        k, v = torch.cat([past, kv], dim=1).chunk(2, dim=-1)
+        n, n_past = tokens.shape[1], past.shape[1]
+        mask = None
+        if self.causal and n_past:
+            # Memories are all in the past; the band itself is masked in raster order.
+            offset = torch.arange(n_past + n, device=band.device) - n_past
+            mask = offset[None, :] <= torch.arange(n, device=band.device)[:, None]
+        out = multihead_sdpa(q, k, v, self.heads, causal=self.causal and not n_past, attn_mask=mask)
+        out = band + to_map(self.proj(out), rows, width)
+
+        seq = torch.cat([mem, band], dim=2)
+        seq_kv = torch.cat([mem_kv, to_map(kv, rows, width).to(mem_kv.dtype)], dim=2)
+        n_evict = max(seq.shape[2] - self.mem_rows, 0)
+        new_state = {"mem": seq[:, :, n_evict:], "mem_kv": seq_kv[:, :, n_evict:], "cmem_kv": cmem_kv}
+        if "aux_loss" in state:
+            new_state["aux_loss"] = state["aux_loss"]
+        if n_evict and self.cmem_rows:
+            compressed = self._compress(seq[:, :, :n_evict])
+            compressed_kv = to_map(self.kv(to_tokens(compressed)), n_evict, compressed.shape[3])
+            cmem_kv = torch.cat([cmem_kv, compressed_kv.to(cmem_kv.dtype)], dim=2)
+            new_state["cmem_kv"] = cmem_kv[:, :, max(cmem_kv.shape[2] - self.cmem_rows, 0) :]
+            if self.training:
+                loss = self._reconstruction_loss(q, seq[:, :, :n_evict], seq_kv[:, :, :n_evict])
+                new_state["aux_loss"] = loss + new_state["aux_loss"] if "aux_loss" in new_state else loss
+        return out, new_state
+
+    def _reconstruction_loss(
+        self, q: torch.Tensor, evicted: torch.Tensor, evicted_kv: torch.Tensor
+    ) -> torch.Tensor:
+        """The paper's attention-reconstruction loss; only the compression conv receives its gradient."""
+        compressed = to_tokens(self._compress(evicted.detach()))
+        k_c, v_c = F.linear(compressed, self.kv.weight.detach(), self.kv.bias.detach()).chunk(2, dim=-1)
+        k_old, v_old = to_tokens(evicted_kv).detach().to(k_c.dtype).chunk(2, dim=-1)
+        q = q.detach()
+        target = multihead_sdpa(q, k_old, v_old, self.heads)
+        return F.mse_loss(multihead_sdpa(q, k_c, v_c, self.heads).float(), target.float())
+
+    def _finish(self, state: BandState) -> None:
+        self.aux_loss = state.get("aux_loss") if self.training else None

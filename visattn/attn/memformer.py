@@ -1,0 +1,158 @@
+"""Memformer: A Memory-Augmented Transformer for Sequence Modeling — https://arxiv.org/abs/2010.06891
+
+2D adaptation: the map is a sequence of row-bands (the paper's segments) in raster order, recurrent through k
+external memory slots. Pixels of a band read the slots by attention over [memory; band]; after the band, each
+slot is rewritten by slot attention over [itself; band outputs] and forgets by biased memory normalization.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..layers import default_heads, factory_kwargs, multihead_sdpa, to_map, to_tokens
+from ..layers.streaming import BandRecurrentBlock, BandState
+from ..registry import register_attn
+
+
+@register_attn(
+    "memformer",
+    title="Memformer: A Memory-Augmented Transformer for Sequence Modeling",
+    arxiv="2010.06891",
+    year=2020,
+    family="memory",
+    complexity="O(N·(k + n_s + k²/n_s)·D), k slots, n_s = b·W tokens per band",
+    flops_exponent=1.5,
+    native_2d=False,
+    causal=True,
+    identity_init=True,
+    idea="k memory slots read by the pixels of each row-band, rewritten slot-wise with biased normalization",
+    reference="https://github.com/lucidrains/memformer",
+)
+class MemformerAttention(BandRecurrentBlock):
+    """Row-band recurrence through k memory slots M (B, k, C): read, then write with forgetting.
+
+    Read (per band X, output H): ``H = X + W_o MHA(X, [M; X])``: one softmax over the slots and the band (the
+    encoder's memory cross-attention fused with its self-attention, keys/values by shared projections).
+
+    Write (the paper's memory slot attention): each slot i attends only to itself and to the band outputs,
+    ``m'_i = softmax(q_i [k(m_i); k(H)]ᵀ / (τ·sqrt(d))) [m_i; v(H)]`` per head (its own value is the raw
+    slot), with temperature τ < 1 sharpening the weights; then biased memory normalization (forgetting)
+    ``m_i <- s·(m'_i + b_i) / ||m'_i + b_i||``. The initial memory is the terminal state ``s·b_i/||b_i||``,
+    which memory drifts back to when nothing is written (with one head, a fixed point of such a write).
+    ``s = sqrt(C)`` where the paper uses 1: slots then have the norm of unit-variance pixel features, with
+    which they share the key/value projections (the only change a constant scale can make). The paper's
+    Memory Replay Back-Propagation is a memory-saving scheme for training on long streams; a one-shot
+    forward here simply backpropagates through all bands.
+
+    Causal (``causal=True``): raster-order masking inside the band; slots are always visible (they were
+    written by past bands only). Non-causal: full attention inside the band plus the slots, so a band sees
+    the rows above it only through the k slots and never the rows below: the block is not global.
+    Content-only attention (no positional terms).
+
+    Streaming: ``state = init_state(B, W)``; ``out, state = step(band, state)`` (see
+    :mod:`visattn.layers.streaming`); the state is the (B, k, C) memory, whatever the number of bands.
+
+    Args:
+        channels: input channels C.
+        num_slots: memory slots k (paper: 64).
+        band_rows: rows per band (segment) b; 2 gives several segments even on small maps.
+        write_temperature: τ of the slot attention (paper: τ < 1, value not stated in the text read; 0.5).
+        heads: attention heads of read and write (default: ``default_heads(C)``).
+        causal: raster-order causal masking.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        num_slots: int = 64,
+        band_rows: int = 2,
+        write_temperature: float = 0.5,
+        heads: int | None = None,
+        causal: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(channels)
+        for name, value in (("num_slots", num_slots), ("band_rows", band_rows)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"memformer: {name} must be a positive int, got {value!r}")
+        if not isinstance(write_temperature, (int, float)) or not 0 < write_temperature <= 1:
+            raise ValueError(f"memformer: write_temperature must be in (0, 1], got {write_temperature!r}")
+        heads = default_heads(channels) if heads is None else heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
+            raise ValueError(
+                f"memformer: heads must be a positive divisor of channels ({channels}), got {heads!r}"
+            )
+        dd = factory_kwargs(device, dtype)
+        self.num_slots, self.band_rows, self.heads, self.causal = num_slots, band_rows, heads, causal
+        self.write_temperature = float(write_temperature)
+        self.slot_norm = math.sqrt(channels)
+        # Read: queries from pixels, keys/values of [slots; band] by one projection.
+        self.q = nn.Linear(channels, channels, **dd)
+        self.kv = nn.Linear(channels, 2 * channels, **dd)
+        self.proj = nn.Linear(channels, channels, **dd)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+        # Write: slot queries, keys of [slot; band outputs], values of the band outputs.
+        self.write_q = nn.Linear(channels, channels, **dd)
+        self.write_k = nn.Linear(channels, channels, **dd)
+        self.write_v = nn.Linear(channels, channels, **dd)
+        # v_bias of biased memory normalization: its size relative to s sets the forgetting speed.
+        self.forget_bias = nn.Parameter(torch.randn(num_slots, channels, **dd))
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, num_slots={self.num_slots}, band_rows={self.band_rows}, "
+            f"write_temperature={self.write_temperature}, heads={self.heads}, causal={self.causal}"
+        )
+
+    def _normalize(self, slots: torch.Tensor) -> torch.Tensor:
+        return F.normalize(slots, dim=-1, eps=1e-6) * self.slot_norm
+
+    def terminal_state(self) -> torch.Tensor:
+        """(k, C): the memory that forgetting converges to, and the initial memory."""
+        return self._normalize(self.forget_bias)
+
+    def init_state(self, batch: int, width: int, *, device=None, dtype=None) -> BandState:
+        """``memory`` (B, k, C) = the terminal state for every sample (``width`` is not needed)."""
+        memory = self.terminal_state().to(device=device, dtype=dtype)
+        return {"memory": memory.unsqueeze(0).expand(batch, -1, -1)}
+
+    def _check_state(self, band: torch.Tensor, state: BandState) -> str | None:
+        memory = state.get("memory")
+        if memory is None or memory.shape[1:] != (self.num_slots, self.channels):
+            return (
+                f"state['memory'] must be (B, {self.num_slots}, {self.channels}); create it with init_state"
+            )
+        return None
+
+    def _step(self, band: torch.Tensor, state: BandState) -> tuple[torch.Tensor, BandState]:
+        _, _, rows, width = band.shape
+        memory = state["memory"]
+        tokens = to_tokens(band)
+        k_slots, n = memory.shape[1], tokens.shape[1]
+        k, v = self.kv(torch.cat([memory.to(tokens.dtype), tokens], dim=1)).chunk(2, dim=-1)
+        mask = None
+        if self.causal:
+            offset = torch.arange(k_slots + n, device=band.device) - k_slots
+            mask = offset[None, :] <= torch.arange(n, device=band.device)[:, None]
+        read = multihead_sdpa(self.q(tokens), k, v, self.heads, attn_mask=mask)
+        outputs = tokens + self.proj(read)
+        return to_map(outputs, rows, width), {"memory": self._write(memory, outputs)}
+
+    def _write(self, memory: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+        k_slots, n = memory.shape[1], outputs.shape[1]
+        memory = memory.to(outputs.dtype)
+        keys = torch.cat([self.write_k(memory), self.write_k(outputs)], dim=1)
+        values = torch.cat([memory, self.write_v(outputs)], dim=1)
+        # Slot i sees only itself among the slots, and every band output.
+        eye = torch.eye(k_slots, dtype=torch.bool, device=memory.device)
+        mask = torch.cat([eye, eye.new_ones(k_slots, n)], dim=1)
+        scale = 1.0 / (self.write_temperature * math.sqrt(self.channels // self.heads))
+        written = multihead_sdpa(self.write_q(memory), keys, values, self.heads, attn_mask=mask, scale=scale)
+        return self._normalize(written + self.forget_bias.to(written.dtype))
