@@ -54,6 +54,8 @@ class AttnInfo:
     # Capability flags: read by the tests (and by `visattn export`), as segmentation_models_pytorch does.
     exportable: bool = True
     compile_fullgraph: bool = True
+    # False for token-wise blocks (a memory lookup per pixel): their output depends on no other pixel.
+    token_mixing: bool = True
 
     def __post_init__(self) -> None:
         problems = []
@@ -67,7 +69,7 @@ class AttnInfo:
             problems.append(f"year {self.year!r} is implausible")
         if not 0.0 < float(self.flops_exponent) <= 3.0:
             problems.append(f"flops_exponent {self.flops_exponent!r} must be in (0, 3]")
-        for flag in ("native_2d", "causal", "identity_init", "exportable", "compile_fullgraph"):
+        for flag in ("native_2d", "causal", "identity_init", "exportable", "compile_fullgraph", "token_mixing"):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag} must be a bool")
         if problems:

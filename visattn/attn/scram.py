@@ -1,0 +1,164 @@
+"""SCRAM: Spatially Coherent Randomized Attention Maps — https://arxiv.org/abs/1905.10308
+
+Native 2D: for every pixel query PatchMatch searches the H x W key grid for its k best keys
+(random init, propagation of the neighbours' matches shifted by the neighbour offset, random search
+at shrinking radii), all pixels at once; softmax attention then runs over those k keys only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+from einops import rearrange
+
+from ..layers import AttnBlock, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers.gather_attention import gather_attend
+from ..layers.hashing import gather_tokens, resolve_seed
+from ..registry import register_attn
+
+_MASK31 = (1 << 31) - 1
+
+
+def hash_ints(seed: torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
+    """Pseudo-random int64 in [0, 2^31) from a counter-based hash of ``seed`` and broadcast ``counters``.
+
+    Stateless (compiles, no ``torch.Generator``), identical on every device and for every batch.
+    """
+    h = seed.to(torch.int64) & _MASK31
+    for i, c in enumerate(counters):
+        h = (h + c.to(torch.int64) * (0x2F0B3A49 + 0x1B873593 * i)) & _MASK31
+        # 31-bit xorshift-multiply rounds: products stay below 2^62, so int64 never overflows.
+        h = h ^ (h >> 15)
+        h = (h * (0x5BD1E995 & _MASK31)) & _MASK31
+    h = h ^ (h >> 13)
+    h = (h * 0x27D4EB2F) & _MASK31
+    return h ^ (h >> 16)
+
+
+@register_attn(
+    "scram",
+    title="SCRAM: Spatially Coherent Randomized Attention Maps",
+    arxiv="1905.10308",
+    year=2019,
+    family="sparse",
+    complexity="O(N·k·T·D)",
+    flops_exponent=1.0,
+    native_2d=True,
+    causal=False,
+    identity_init=True,
+    idea="PatchMatch finds each pixel's k best keys on the 2D grid; softmax attention over those k only",
+    reference="none",
+)
+class SCRAM(AttnBlock):
+    """PatchMatch-sparse self-attention, ``x + proj(attn(x))`` with a zero-initialised projection.
+
+    Per head, each query p keeps a list of k distinct key positions: a random initial list (a random
+    per-pixel shift of k distinct random offsets, so k = N holds every key); then ``iterations`` rounds
+    of (1) propagation — the lists of two grid neighbours p + δ (up/left on even rounds, down/right on
+    odd rounds, the vectorised form of PatchMatch's alternating scan order), each key shifted by -δ; and
+    (2) random search — one proposal per list entry, uniform in a square of radius max(H, W)·2^-l,
+    the level l cycling over entries and rounds. After each round the k best distinct keys of the union
+    by q·k are kept. The search runs without gradient (the match field is discrete); gradients reach
+    q, k and v through the softmax over the chosen keys. With k >= N this is full attention.
+
+    Randomness comes from a counter hash of (seed, round, head, pixel, entry): eval output is
+    deterministic and the same for every sample of a batch; in training the seed is redrawn per call.
+    The paper gives no single (k, iterations); the defaults are ours.
+
+    Args:
+        channels: input channels C.
+        heads: attention heads (default: ``default_heads(C)``).
+        k: keys per query (clamped to N).
+        iterations: PatchMatch rounds of propagation + random search.
+        qkv_bias: bias of the q/k/v projections.
+        seed: seed of the eval-time search (None: drawn from the global RNG at construction).
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        *,
+        heads: int | None = None,
+        k: int = 16,
+        iterations: int = 4,
+        qkv_bias: bool = True,
+        seed: int | None = None,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(channels)
+        heads = default_heads(channels) if heads is None else heads
+        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
+            raise ValueError(
+                f"scram: heads must be a positive divisor of channels ({channels}), got {heads!r}"
+            )
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"scram: k must be a positive int, got {k!r}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+            raise ValueError(f"scram: iterations must be an int >= 0, got {iterations!r}")
+        dd = factory_kwargs(device, dtype)
+        self.heads, self.k, self.iterations = heads, k, iterations
+        self.register_buffer("seed", torch.tensor(resolve_seed(seed) & _MASK31, device=device))
+        self.qkv = nn.Linear(channels, 3 * channels, bias=qkv_bias, **dd)
+        self.proj = nn.Linear(channels, channels, **dd)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    @torch.no_grad()
+    def patchmatch(self, q: torch.Tensor, k: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """(B, h, N, d) queries and keys on a height x width grid -> (B, h, N, m) distinct key ids,
+        m = min(k, N), sorted by descending score."""
+        b, h, n, d = q.shape
+        m = min(self.k, n)
+        dev = q.device
+        seed = torch.randint(0, _MASK31, (), device=dev) if self.training else self.seed
+        head = torch.arange(h, device=dev).view(h, 1, 1)
+        pix = torch.arange(n, device=dev).view(1, n, 1)
+        slot = torch.arange(m, device=dev).view(1, 1, m)
+        rows, cols = pix // width, pix % width
+
+        offsets = hash_ints(seed, torch.arange(n, device=dev)).topk(m).indices  # m distinct in [0, n)
+        shift = hash_ints(seed + 1, head, pix) % n
+        cand = ((shift + offsets.view(1, 1, m)) % n).expand(b, h, n, m)
+
+        def best(union: torch.Tensor) -> torch.Tensor:
+            union, _ = union.sort(dim=-1)
+            scores = torch.einsum("bhnd,bhnud->bhnu", q, gather_tokens(k, union)).float()
+            dup = torch.zeros_like(union, dtype=torch.bool)
+            dup[..., 1:] = union[..., 1:] == union[..., :-1]
+            scores = scores.masked_fill(dup, float("-inf"))
+            return union.gather(-1, scores.topk(m, dim=-1).indices)
+
+        levels = max(1, math.ceil(math.log2(max(height, width))) + 1)
+        radius0 = max(height, width)
+        for t in range(self.iterations):
+            crow, ccol = cand // width, cand % width
+            proposals = [cand]
+            step = -1 if t % 2 == 0 else 1
+            for di, dj in ((step, 0), (0, step)):
+                nr, nc = (rows + di).clamp(0, height - 1), (cols + dj).clamp(0, width - 1)
+                nbr = (nr * width + nc).view(1, 1, n, 1).expand(b, h, n, m)
+                ncand = cand.gather(2, nbr)
+                sr = (ncand // width - di).clamp(0, height - 1)
+                sc = (ncand % width - dj).clamp(0, width - 1)
+                proposals.append(sr * width + sc)
+            level = (slot + t) % levels
+            radius = (radius0 * torch.pow(0.5, level.float())).floor().clamp_min(1).long()
+            span = 2 * radius + 1
+            dr = hash_ints(seed + 2 + 2 * t, head, pix, slot) % span - radius
+            dc = hash_ints(seed + 3 + 2 * t, head, pix, slot) % span - radius
+            proposals.append((crow + dr).clamp(0, height - 1) * width + (ccol + dc).clamp(0, width - 1))
+            cand = best(torch.cat(proposals, dim=-1))
+        return cand
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        q, k, v = rearrange(self.qkv(to_tokens(x)), "b n (s h d) -> s b h n d", s=3, h=self.heads)
+        index = self.patchmatch(q, k, height, width)
+        out = gather_attend(q, k, v, index)
+        return x + to_map(self.proj(rearrange(out, "b h n d -> b n (h d)")), height, width)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, heads={self.heads}, k={self.k}, iterations={self.iterations}"
