@@ -119,8 +119,14 @@ def support_row(name: str) -> SupportRow:
         export_program(block, x)
         exported = True
     except Exception as err:
-        exported = False
-        notes.append(f"torch.export: {type(err).__name__}")
+        notes.append(f"torch.export dynamic: {type(err).__name__}")
+        try:
+            export_program(block, x, dynamic=False)
+            exported = True
+            notes.append("torch.export static: ok")
+        except Exception as err2:
+            exported = False
+            notes.append(f"torch.export static: {type(err2).__name__}")
     onnx_ok, err_max, dynamic = False, None, False
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{name}.onnx"
