@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import registry, tables
+from .engine.cli import add_train_test_parsers
 from .predict_cli import add_predict_parser
 
 
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_docs)
 
     add_predict_parser(sub)
+    add_train_test_parsers(sub)
     return parser
 
 

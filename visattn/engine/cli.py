@@ -1,0 +1,147 @@
+"""``visattn train`` / ``visattn test`` (and tools/train.py, tools/test.py).
+
+Single process: ``python tools/train.py [config.yaml] [--set optim.lr=0.02 ...]`` (no config: the
+synthetic demo). Many GPUs or machines: ``torchrun --nproc_per_node=N tools/train.py config.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+__all__ = ["add_train_test_parsers", "main_test", "main_train"]
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="YAML config (default: configs/demo.yaml)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set optim.lr=0.02 (repeatable)",
+    )
+    p.add_argument("--work-dir", help="shortcut for --set train.work_dir=...")
+
+
+def _load(args: argparse.Namespace):
+    from .config import ConfigError, load_config
+
+    overrides = list(args.overrides)
+    if args.work_dir:
+        overrides.append(f"train.work_dir={args.work_dir}")
+    try:
+        return load_config(args.config, overrides)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"visattn: {err}", file=sys.stderr)
+        return None
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg is None:
+        return 2
+    from .trainer import train
+
+    resume = True if args.resume == "auto" else args.resume
+    train(cfg, resume=resume, progress=not args.no_progress, plot=args.plot)
+    return 0
+
+
+def run_test(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if cfg is None:
+        return 2
+    import torch
+
+    from ..data import build_dataset, build_val_transform
+    from ..models.segmentor import build_segmentor
+    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .dist import get_rank, init_distributed, is_main
+    from .evaluate import evaluate, format_table
+
+    device = cfg["train"]["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+    init_distributed(device)
+    if device.startswith("cuda") and torch.distributed.is_initialized():
+        device = f"cuda:{get_rank() % torch.cuda.device_count()}"
+    model = build_segmentor(cfg["model"])
+    ckpt = args.checkpoint or latest_checkpoint(cfg["train"]["work_dir"])
+    if ckpt is None:
+        print("visattn: no --checkpoint and no checkpoint in train.work_dir", file=sys.stderr)
+        return 2
+    if ckpt.endswith((".pth", ".pt")):
+        from .. import hub
+
+        hub.load_pretrained(model, None, checkpoint_path=ckpt)
+    else:
+        load_checkpoint(ckpt, model)
+    model.to(device)
+    dataset = build_dataset(
+        cfg["data"], False, build_val_transform(model.data_cfg["mean"], model.data_cfg["std"])
+    )
+    eval_cfg = dict(cfg["eval"])
+    if args.mode:
+        eval_cfg["mode"] = args.mode
+    if args.flip:
+        eval_cfg["flip"] = True
+    if args.scales:
+        eval_cfg["scales"] = [float(s) for s in args.scales.split(",")]
+    metrics = evaluate(
+        model,
+        dataset,
+        num_classes=cfg["data"]["num_classes"],
+        eval_cfg=eval_cfg,
+        ignore_index=cfg["train"]["ignore_index"],
+        device=device,
+        progress=not args.no_progress,
+        out_json=args.out,
+    )
+    if is_main():
+        print(format_table(metrics))
+        if not args.out:
+            print(json.dumps({k: metrics[k] for k in ("mIoU", "aAcc", "mAcc")}))
+    return 0
+
+
+def add_train_test_parsers(subparsers) -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """Add ``train`` and ``test`` to an argparse ``subparsers`` object."""
+    tr = subparsers.add_parser("train", help="train a segmentor from a YAML config (default: synthetic demo)")
+    _common(tr)
+    tr.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="resume from the latest checkpoint of train.work_dir, or from the given prefix",
+    )
+    tr.add_argument("--plot", action="store_true", help="write curves.png (loss, mIoU) at the end")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    tr.set_defaults(func=run_train)
+    te = subparsers.add_parser("test", help="evaluate a checkpoint: mIoU, per-class IoU, aAcc")
+    _common(te)
+    te.add_argument("--checkpoint", help="visattn checkpoint prefix / .safetensors, or an mmseg .pth")
+    te.add_argument("--mode", choices=["whole", "slide"], help="override eval.mode")
+    te.add_argument("--flip", action="store_true", help="flip augmentation")
+    te.add_argument("--scales", help="comma-separated test scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")
+    te.add_argument("--out", help="JSON result file")
+    te.add_argument("--no-progress", action="store_true")
+    te.set_defaults(func=run_test)
+    return tr, te
+
+
+def _main(command: str, argv: list[str] | None) -> int:
+    parser = argparse.ArgumentParser(prog=f"visattn {command}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_test_parsers(sub)
+    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+def main_train(argv: list[str] | None = None) -> int:
+    return _main("train", argv)
+
+
+def main_test(argv: list[str] | None = None) -> int:
+    return _main("test", argv)
