@@ -102,7 +102,10 @@ def angular_buckets(x: torch.Tensor, rotations: torch.Tensor, factors: tuple[int
     for f in factors:
         part = rotated[..., start : start + f // 2]
         start += f // 2
-        b = torch.cat([part, -part], dim=-1).argmax(dim=-1)
+        # argmax([p; -p]) without building [p; -p]: the larger of max(p) and -min(p) (ties: first half).
+        top, arg_top = part.max(dim=-1)
+        low, arg_low = part.min(dim=-1)
+        b = torch.where(top >= -low, arg_top, arg_low + f // 2)
         buckets = b if buckets is None else buckets + scale * b
         scale *= f
     return buckets
