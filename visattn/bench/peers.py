@@ -234,17 +234,25 @@ PEERS: dict[str, list[PeerSpec]] = {
                 dim=lambda c, hw: c,
                 heads=8,
                 bucket_size=64,
-                n_hashes=1,
+                n_hashes=8,
             ),
-            "8 heads, bucket 64, 1 hash",
+            "8 heads, bucket 64, 8 hashes (our defaults)",
         )
     ],
     "pkm": [
         PeerSpec(
             "product-key-memory PKM",
             "product_key_memory",
-            _lucid("product_key_memory", "PKM", dim=lambda c, hw: c),
-            "package defaults",
+            _lucid(
+                "product_key_memory",
+                "PKM",
+                dim=lambda c, hw: c,
+                heads=4,
+                num_keys=lambda c, hw: min(512, c),
+                topk=32,
+                dim_head=lambda c, hw: min(512, c),
+            ),
+            "4 heads, min(512, C) sub-keys, top-32 (our defaults)",
         )
     ],
 }
