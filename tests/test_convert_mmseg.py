@@ -19,7 +19,7 @@ from visattn.models.convert import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
-KEYS_FILE = Path("/work/shared/reference/mmseg_state_dict_keys.txt")
+KEYS_FILE = Path(__file__).parent / "data" / "mmseg_state_dict_keys.txt"  # copy of shared/reference
 METHODS = ["ccnet", "emanet", "gcnet", "isanet", "nonlocal", "dnl", "danet", "fcn"]
 BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 

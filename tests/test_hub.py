@@ -19,7 +19,7 @@ from test_segmentor import randomize_
 from visattn import hub
 from visattn.models import create_segmentor, to_mmseg
 
-ZOO_MD = Path("/work/shared/reference/mmseg_zoo.md")
+ZOO_MD = Path(__file__).parent / "data" / "mmseg_zoo.md"  # copy of shared/reference
 NAME_RE = re.compile(
     r"^(ccnet|emanet|gcnet|isanet|nonlocal|dnl|danet|fcn)_(r50|r101)-d8(-amp)?_(cityscapes-512x1024|ade20k-512x512)$"
 )
