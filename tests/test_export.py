@@ -89,3 +89,16 @@ def test_support_doc_lists_every_block():
         assert f"| `{name}` |" in text, (
             f"docs/support.md lacks {name}: run `visattn support -o docs/support.md`"
         )
+
+
+def test_segmentor_exports(tmp_path):
+    """ccnet R-50-D8 (random weights) to ONNX at a fixed size (torch.export cannot prove the backbone's
+    stride guards for free H, W), checked with onnxruntime."""
+    torch.manual_seed(0)
+    model = visattn.create_segmentor("ccnet_r50-d8_cityscapes-512x1024").eval()
+    for m in model.modules():
+        if getattr(type(m), "attn_name", "") == "ccnet":
+            torch.nn.init.constant_(m.gamma, 0.5)
+    x = torch.randn(1, 3, 64, 64)
+    path = export.export_onnx(model, x, tmp_path / "ccnet_seg.onnx", dynamic=False)
+    assert export.onnx_max_error(path, model, x) <= 1e-4

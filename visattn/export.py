@@ -154,7 +154,8 @@ def support_markdown(rows: list[SupportRow]) -> str:
         "",
         f"- ONNX export with onnxruntime parity (<= 1e-4): {parity} / {n}",
         f"- torch.compile fullgraph: {sum(r.compile_fullgraph for r in rows)} / {n}",
-        f"- torch.export (dynamic H, W): {sum(r.torch_export for r in rows)} / {n}",
+        f"- torch.export (dynamic H, W, or static where the shape guards cannot be proven; see note): "
+        f"{sum(r.torch_export for r in rows)} / {n}",
         "",
         "| block | compile fullgraph | graph breaks | torch.export | ONNX export | ORT max abs error | dynamic H, W |"
         " declared exportable | note |",

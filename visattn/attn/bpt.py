@@ -40,6 +40,7 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="quadtree partition: each pixel attends k neighbouring cells at every level (fine near, coarse "
     "far); cells attend to their children",
     reference="https://github.com/yzh119/BPT",

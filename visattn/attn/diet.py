@@ -26,6 +26,7 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="dilated k x k neighbourhood attention (dilation 2^l in layer l), never a dense score matrix",
     reference="https://github.com/cgraywang/transformer-on-diet",
 )

@@ -49,6 +49,7 @@ from ..registry import register_attn
     native_2d=False,
     causal=False,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="global-local attention: one global token per P x P patch (g2g, g2l, l2g full) + l2l local window, "
     "relative positions",
     reference="none",

@@ -45,6 +45,7 @@ from ..registry import register_attn
     native_2d=False,
     causal=False,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="M learned global memory tokens read and written densely + a k x k local window for the pixels",
     reference="https://github.com/ag1988/gmat",
 )

@@ -90,6 +90,7 @@ def causal_active(
     native_2d=False,
     causal=True,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="ProbSparse: only the c·ln N most peaked queries attend; the lazy ones output mean(V)",
     reference="https://github.com/zhouhaoyi/Informer2020",
 )

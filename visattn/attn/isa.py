@@ -73,6 +73,7 @@ def _pair(value, name: str) -> tuple[int, int]:
     native_2d=True,
     causal=False,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="dense attention within interlaced (stride-P) groups, then within P_h x P_w blocks",
     reference="https://github.com/open-mmlab/mmsegmentation",
 )

@@ -44,6 +44,7 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="k x k sliding-window attention (optionally dilated) + learned global tokens with own projections",
     reference="https://github.com/allenai/longformer",
 )

@@ -28,6 +28,7 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="softmax kernel estimated by sin/cos orthogonal random features (FAVOR): attention as φ(Q)(φ(K)ᵀV)",
     reference="https://github.com/google-research/google-research/tree/master/performer/fast_attention",
 )

@@ -46,6 +46,7 @@ MAX_BUCKETS = 4096
     native_2d=False,
     causal=True,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="shared-QK attention within angular-LSH buckets: sort by hash, attend within chunk + previous chunk",
     reference="https://github.com/google/trax/tree/master/trax/models/reformer",
 )

@@ -106,6 +106,7 @@ def _causal_cluster_attention(q, k, v, q_assign, k_assign, nc: int, w: int, shar
     native_2d=False,
     causal=True,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="online k-means routes queries and keys to clusters; attention within clusters + local-window heads",
     reference="https://github.com/google-research/google-research/tree/master/routing_transformer",
 )

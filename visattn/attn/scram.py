@@ -48,6 +48,7 @@ def hash_ints(seed: torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
     native_2d=True,
     causal=False,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="PatchMatch finds each pixel's k best keys on the 2D grid; softmax attention over those k only",
     reference="none",
 )

@@ -40,6 +40,7 @@ from ..registry import register_attn
     native_2d=False,
     causal=False,
     identity_init=True,
+    exportable=False,  # measured: see docs/support.md
     idea="XBOX+ asymmetric transforms + E2LSH sort into balanced query/key clusters; dense attention per cluster",
     reference="https://github.com/giannisdaras/smyrf",
 )
