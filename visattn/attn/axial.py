@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from ..layers import AttnBlock, MultiHeadAttention, default_heads
+from ..layers import AttnBlock, MultiHeadAttention, resolve_heads
 from ..registry import register_attn
 
 
@@ -50,9 +50,7 @@ class AxialAttention(AttnBlock):
         dtype=None,
     ) -> None:
         super().__init__(channels)
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"axial: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "axial")
         self.causal = causal
         self.attn_h = MultiHeadAttention(channels, heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
         self.attn_w = MultiHeadAttention(channels, heads, qkv_bias=qkv_bias, device=device, dtype=dtype)

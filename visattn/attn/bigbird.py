@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, pad_to_multiple, to_map, to_tokens, unpad
+from ..layers import (
+    AttnBlock,
+    factory_kwargs,
+    pad_to_multiple,
+    resolve_heads,
+    to_map,
+    to_tokens,
+    unpad,
+)
 from ..layers.sparse_pattern import Grid, Pattern, Segment, block_segment, first_occurrence, sparse_attention
 from ..registry import register_attn
 
@@ -80,9 +88,7 @@ class BigBird(AttnBlock):
             raise ValueError(
                 f"bigbird: num_global and num_random must be >= 0, got {num_global}, {num_random}"
             )
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"bigbird: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "bigbird")
         dd = factory_kwargs(device, dtype)
         self.block_size, self.window, self.num_global, self.num_random = (
             block_size,

@@ -16,7 +16,15 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, pad_to_multiple, to_map, to_tokens, unpad
+from ..layers import (
+    AttnBlock,
+    factory_kwargs,
+    pad_to_multiple,
+    resolve_heads,
+    to_map,
+    to_tokens,
+    unpad,
+)
 from ..layers.sparse_pattern import PatternAttention
 from ..layers.sparse_pyramid import (
     Pyramid,
@@ -82,9 +90,7 @@ class BPT(AttnBlock):
             raise ValueError(f"bpt: levels must be >= 1 or None, got {levels}")
         if clip_levels < 1:
             raise ValueError(f"bpt: clip_levels must be >= 1, got {clip_levels}")
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"bpt: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "bpt")
         dd = factory_kwargs(device, dtype)
         self.k, self.levels, self.rel_pos, self.clip_levels = k, levels, rel_pos, clip_levels
         self.heads, self.causal = heads, causal

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
 from ..layers.hashing import gather_tokens, hash_draw, resolve_seed, seeded_normal
 from ..registry import register_attn
 
@@ -102,11 +102,7 @@ class Clustered(AttnBlock):
         dtype=None,
     ) -> None:
         super().__init__(channels)
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"clustered: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "clustered")
         for name, value in (
             ("clusters", clusters),
             ("iterations", iterations),

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import default_heads, factory_kwargs, multihead_sdpa, to_map, to_tokens
+from ..layers import factory_kwargs, multihead_sdpa, resolve_heads, to_map, to_tokens
 from ..layers.streaming import BandRecurrentBlock, BandState
 from ..registry import register_attn
 
@@ -93,11 +93,7 @@ class CompressiveAttention(BandRecurrentBlock):
         self.mem_rows = _check_int("mem_rows", band_rows if mem_rows is None else mem_rows, 0)
         self.cmem_rows = _check_int("cmem_rows", 3 * band_rows if cmem_rows is None else cmem_rows, 0)
         self.compression = _check_int("compression", compression, 1)
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"compressive: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "compressive")
         self.heads, self.causal = heads, causal
         dd = factory_kwargs(device, dtype)
         self.q = nn.Linear(channels, channels, **dd)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import AttnBlock, default_heads, pad_to_multiple, to_map, to_tokens, unpad
+from ..layers import AttnBlock, pad_to_multiple, resolve_heads, to_map, to_tokens, unpad
 from ..layers.sparse_pattern import Grid, Pattern, PatternAttention, window_segment, window_tile
 from ..registry import register_attn
 
@@ -59,9 +59,7 @@ class Diet(AttnBlock):
             raise ValueError(f"diet: kernel_size must be odd and >= 1, got {kernel_size}")
         if dilation < 1:
             raise ValueError(f"diet: dilation must be >= 1, got {dilation}")
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"diet: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "diet")
         self.kernel_size = kernel_size
         self.dilation = dilation
         self.causal = causal

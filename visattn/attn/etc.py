@@ -17,10 +17,10 @@ from einops import rearrange
 
 from ..layers import (
     AttnBlock,
-    default_heads,
     factory_kwargs,
     merge_heads,
     pad_to_multiple,
+    resolve_heads,
     split_heads,
     to_map,
     to_tokens,
@@ -88,9 +88,7 @@ class ETC(AttnBlock):
             raise ValueError(f"etc: local_radius must be >= 0, got {local_radius}")
         if relative_max_distance < 0:
             raise ValueError(f"etc: relative_max_distance must be >= 0, got {relative_max_distance}")
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"etc: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "etc")
         dd = factory_kwargs(device, dtype)
         self.patch_size, self.local_radius, self.max_distance = (
             patch_size,

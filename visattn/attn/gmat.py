@@ -15,10 +15,10 @@ import torch.nn as nn
 
 from ..layers import (
     AttnBlock,
-    default_heads,
     factory_kwargs,
     multihead_sdpa,
     pad_to_multiple,
+    resolve_heads,
     to_map,
     to_tokens,
     unpad,
@@ -77,9 +77,7 @@ class GMAT(AttnBlock):
             raise ValueError(f"gmat: num_memory must be >= 0, got {num_memory}")
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"gmat: kernel_size must be odd and >= 1, got {kernel_size}")
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"gmat: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "gmat")
         dd = factory_kwargs(device, dtype)
         self.num_memory, self.kernel_size, self.heads = num_memory, kernel_size, heads
         self.attn = PatternAttention(channels, heads, qkv_bias=qkv_bias, **dd)

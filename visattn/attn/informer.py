@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
 from ..layers.hashing import resolve_seed
 from ..registry import register_attn
 
@@ -142,11 +142,7 @@ class Informer(AttnBlock):
         dtype=None,
     ) -> None:
         super().__init__(channels)
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"informer: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "informer")
         if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
             raise ValueError(f"informer: factor must be an int >= 1, got {factor!r}")
         dd = factory_kwargs(device, dtype)

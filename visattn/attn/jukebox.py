@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
 from ..layers.sparse_pattern import Grid, Pattern, PatternAttention, column_segment, row_segment
 from ..registry import register_attn
 
@@ -62,9 +62,7 @@ class Jukebox(AttnBlock):
             raise ValueError(
                 f"jukebox: attn_order must be a non-empty sequence of {_KINDS}, got {attn_order!r}"
             )
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"jukebox: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "jukebox")
         self.attn_order, self.causal = attn_order, causal
         self.steps = nn.ModuleList(
             PatternAttention(channels, heads, qkv_bias=qkv_bias, **factory_kwargs(device, dtype))

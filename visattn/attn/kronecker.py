@@ -12,7 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, multihead_sdpa, to_map, to_tokens
+from ..layers import (
+    AttnBlock,
+    factory_kwargs,
+    multihead_sdpa,
+    resolve_heads,
+    to_map,
+    to_tokens,
+)
 from ..registry import register_attn
 
 _VARIANTS = ("qkv", "kv")
@@ -69,11 +76,7 @@ class KroneckerAttention(AttnBlock):
         super().__init__(channels)
         if variant not in _VARIANTS:
             raise ValueError(f"kronecker: variant must be one of {_VARIANTS}, got {variant!r}")
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"kronecker: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "kronecker")
         dd = factory_kwargs(device, dtype)
         self.variant = variant
         self.heads = heads

@@ -12,7 +12,14 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, multihead_sdpa, to_map, to_tokens
+from ..layers import (
+    AttnBlock,
+    factory_kwargs,
+    multihead_sdpa,
+    resolve_heads,
+    to_map,
+    to_tokens,
+)
 from ..layers.reference_grid import check_ref_size, resample_grid
 from ..registry import register_attn
 
@@ -66,11 +73,7 @@ class Linformer(AttnBlock):
             raise ValueError(f"linformer: k must be a positive int, got {k!r}")
         if sharing not in SHARING:
             raise ValueError(f"linformer: sharing must be one of {SHARING}, got {sharing!r}")
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"linformer: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "linformer")
         dd = factory_kwargs(device, dtype)
         self.k, self.heads, self.sharing = k, heads, sharing
         self.ref_hw = check_ref_size(ref_size, "linformer")

@@ -14,10 +14,10 @@ import torch.nn as nn
 
 from ..layers import (
     AttnBlock,
-    default_heads,
     factory_kwargs,
     multihead_sdpa,
     pad_to_multiple,
+    resolve_heads,
     to_map,
     to_tokens,
     unpad,
@@ -81,9 +81,7 @@ class Longformer(AttnBlock):
             raise ValueError(f"longformer: dilation must be >= 1, got {dilation}")
         if num_global < 0:
             raise ValueError(f"longformer: num_global must be >= 0, got {num_global}")
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"longformer: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "longformer")
         dd = factory_kwargs(device, dtype)
         self.kernel_size, self.dilation, self.num_global = kernel_size, dilation, num_global
         self.heads, self.causal = heads, causal

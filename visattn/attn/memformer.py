@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import default_heads, factory_kwargs, multihead_sdpa, to_map, to_tokens
+from ..layers import factory_kwargs, multihead_sdpa, resolve_heads, to_map, to_tokens
 from ..layers.streaming import BandRecurrentBlock, BandState
 from ..registry import register_attn
 
@@ -83,11 +83,7 @@ class MemformerAttention(BandRecurrentBlock):
                 raise ValueError(f"memformer: {name} must be a positive int, got {value!r}")
         if not isinstance(write_temperature, (int, float)) or not 0 < write_temperature <= 1:
             raise ValueError(f"memformer: write_temperature must be in (0, 1], got {write_temperature!r}")
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"memformer: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "memformer")
         dd = factory_kwargs(device, dtype)
         self.num_slots, self.band_rows, self.heads, self.causal = num_slots, band_rows, heads, causal
         self.write_temperature = float(write_temperature)

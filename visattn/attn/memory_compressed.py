@@ -17,9 +17,9 @@ from einops import rearrange
 from ..layers import (
     AttnBlock,
     ConvPosEnc,
-    default_heads,
     factory_kwargs,
     multihead_sdpa,
+    resolve_heads,
     to_map,
     to_tokens,
 )
@@ -89,11 +89,7 @@ class MemoryCompressedAttention(AttnBlock):
         super().__init__(channels)
         if isinstance(compression, bool) or not isinstance(compression, int) or compression < 1:
             raise ValueError(f"memory_compressed: compression must be a positive int, got {compression!r}")
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"memory_compressed: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "memory_compressed")
         dd = factory_kwargs(device, dtype)
         self.compression, self.heads, self.causal = compression, heads, causal
         self.pos = ConvPosEnc(channels, 3, causal=causal, **dd) if pos_enc else None

@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, pad_to_multiple, to_map, to_tokens, unpad
+from ..layers import (
+    AttnBlock,
+    factory_kwargs,
+    pad_to_multiple,
+    resolve_heads,
+    to_map,
+    to_tokens,
+    unpad,
+)
 from ..layers.sparse_pattern import PatternAttention
 from ..layers.sparse_pyramid import Pyramid, flatten_levels, pyramid_means, pyramid_pattern
 from ..registry import register_attn
@@ -62,9 +70,7 @@ class MultiScale(AttnBlock):
             raise ValueError(f"multiscale: radius must be >= 1, got {radius}")
         if levels is not None and levels < 1:
             raise ValueError(f"multiscale: levels must be >= 1 or None, got {levels}")
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"multiscale: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "multiscale")
         self.radius, self.levels, self.heads, self.causal = radius, levels, heads, causal
         self.attn = PatternAttention(channels, heads, qkv_bias=qkv_bias, **factory_kwargs(device, dtype))
 

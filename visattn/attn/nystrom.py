@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from ..layers import AttnBlock, ConvPosEnc, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers import AttnBlock, ConvPosEnc, factory_kwargs, resolve_heads, to_map, to_tokens
 from ..registry import register_attn
 
 
@@ -122,11 +122,7 @@ class Nystrom(AttnBlock):
                 raise ValueError(
                     f"nystrom: landmarks must be a perfect square or an (lh, lw) grid, got {landmarks!r}"
                 )
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"nystrom: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "nystrom")
         if isinstance(pinv_iterations, bool) or not isinstance(pinv_iterations, int) or pinv_iterations < 1:
             raise ValueError(f"nystrom: pinv_iterations must be a positive int, got {pinv_iterations!r}")
         if (

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
 from ..layers.gather_attention import gather_attend
 from ..registry import register_attn
 
@@ -95,9 +95,7 @@ class SAC(AttnBlock):
         dtype=None,
     ) -> None:
         super().__init__(channels)
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(f"sac: heads must be a positive divisor of channels ({channels}), got {heads!r}")
+        heads = resolve_heads(channels, heads, "sac")
         for name, value, low in (
             ("alpha", alpha, 1),
             ("window", window, 0),

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
 from ..layers.gather_attention import gather_attend
 from ..layers.hashing import gather_tokens, resolve_seed
 from ..registry import register_attn
@@ -90,11 +90,7 @@ class SCRAM(AttnBlock):
         dtype=None,
     ) -> None:
         super().__init__(channels)
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"scram: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "scram")
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"scram: k must be a positive int, got {k!r}")
         if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, pad_to_multiple, unpad
+from ..layers import AttnBlock, factory_kwargs, pad_to_multiple, resolve_heads, unpad
 from ..registry import register_attn
 
 # Masked sort logits: finite, so a row or column with nothing admissible cannot produce NaN.
@@ -109,11 +109,7 @@ class Sinkhorn(AttnBlock):
         for name, value in (("window_size", window_size), ("sinkhorn_iter", sinkhorn_iter)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"sinkhorn: {name} must be an int >= 1, got {value!r}")
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"sinkhorn: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "sinkhorn")
         if not temperature > 0:
             raise ValueError(f"sinkhorn: temperature must be > 0, got {temperature!r}")
         dd = factory_kwargs(device, dtype)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..layers import AttnBlock, default_heads, to_map, to_tokens
+from ..layers import AttnBlock, resolve_heads, to_map, to_tokens
 from ..layers.sparse_pattern import (
     Grid,
     Pattern,
@@ -71,9 +71,7 @@ class SparseTransformer(AttnBlock):
             raise ValueError(f"sparse_transformer: stride must be None or an int >= 1, got {stride!r}")
         if summary < 1:
             raise ValueError(f"sparse_transformer: summary must be >= 1, got {summary}")
-        heads = default_heads(channels) if heads is None else heads
-        if heads < 1 or channels % heads:
-            raise ValueError(f"sparse_transformer: heads must divide channels ({channels}), got {heads}")
+        heads = resolve_heads(channels, heads, "sparse_transformer")
         self.kind, self.stride, self.summary, self.causal = pattern, stride, summary, causal
         self.attn = PatternAttention(channels, heads, qkv_bias=qkv_bias, device=device, dtype=dtype)
 

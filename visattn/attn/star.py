@@ -17,9 +17,9 @@ from einops import rearrange
 from ..layers import (
     AttnBlock,
     MultiHeadAttention,
-    default_heads,
     factory_kwargs,
     multihead_sdpa,
+    resolve_heads,
     sincos_2d,
     to_map,
     to_tokens,
@@ -119,11 +119,7 @@ class StarTransformer(AttnBlock):
         super().__init__(channels)
         if isinstance(cycles, bool) or not isinstance(cycles, int) or cycles < 1:
             raise ValueError(f"star: cycles must be a positive int, got {cycles!r}")
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"star: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "star")
         dd = factory_kwargs(device, dtype)
         self.cycles = cycles
         self.heads = heads

@@ -15,7 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, merge_heads, split_heads, to_map, to_tokens
+from ..layers import (
+    AttnBlock,
+    factory_kwargs,
+    merge_heads,
+    resolve_heads,
+    split_heads,
+    to_map,
+    to_tokens,
+)
 from ..layers.reference_grid import (
     attend_with_weights,
     check_ref_size,
@@ -86,11 +94,7 @@ class Synthesizer(AttnBlock):
         super().__init__(channels)
         if mode not in MODES:
             raise ValueError(f"synthesizer: mode must be one of {MODES}, got {mode!r}")
-        heads = default_heads(channels) if heads is None else heads
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"synthesizer: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, "synthesizer")
         if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
             raise ValueError(f"synthesizer: rank must be a positive int, got {rank!r}")
         dd = factory_kwargs(device, dtype)

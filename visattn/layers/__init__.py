@@ -6,6 +6,7 @@ from .attention import (
     merge_heads,
     multihead_sdpa,
     raster_causal_mask,
+    resolve_heads,
     split_heads,
 )
 from .block import AttnBlock, check_feature_map, factory_kwargs
@@ -24,6 +25,7 @@ __all__ = [
     "multihead_sdpa",
     "pad_to_multiple",
     "raster_causal_mask",
+    "resolve_heads",
     "sincos_2d",
     "split_heads",
     "to_map",

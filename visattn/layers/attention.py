@@ -11,6 +11,7 @@ from .block import factory_kwargs
 
 __all__ = [
     "default_heads",
+    "resolve_heads",
     "split_heads",
     "merge_heads",
     "multihead_sdpa",
@@ -25,6 +26,15 @@ def default_heads(channels: int, head_dim: int = 32) -> int:
     heads = max(1, channels // head_dim)
     while channels % heads:
         heads -= 1
+    return heads
+
+
+def resolve_heads(channels: int, heads: int | None, block: str) -> int:
+    """``heads`` or, when None, :func:`default_heads`; ValueError (naming ``block``) unless it is a positive
+    int dividing ``channels``."""
+    heads = default_heads(channels) if heads is None else heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
+        raise ValueError(f"{block}: heads must be a positive divisor of channels ({channels}), got {heads!r}")
     return heads
 
 
