@@ -133,15 +133,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     x = torch.randn(args.batch, args.channels if is_block else 3, h, w)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    dynamic = not args.static
+    if dynamic and not export.dynamic_hw_supported(args.name, args.attn):
+        print(
+            f"visattn: exporting at the fixed size {h}x{w} (this block exports only at a fixed H and W, see "
+            "docs/support.md)",
+            file=sys.stderr,
+        )
+        dynamic = False
     if args.format == "onnx":
-        export.export_onnx(module, x, out, dynamic=not args.static)
+        export.export_onnx(module, x, out, dynamic=dynamic)
         try:
             err = export.onnx_max_error(out, module, x)
             print(f"wrote {out} (onnxruntime max abs error vs eager: {err:.2e})")
         except ImportError:
             print(f"wrote {out} (onnxruntime not installed: parity not checked)")
     else:
-        program = export.export_program(module, x, dynamic=not args.static)
+        program = export.export_program(module, x, dynamic=dynamic)
         torch.export.save(program, str(out))
         print(f"wrote {out}")
     return 0

@@ -53,6 +53,8 @@ class AttnInfo:
     reference: str = "none"
     # Capability flags: read by the tests (and by `visattn export`), as segmentation_models_pytorch does.
     exportable: bool = True
+    # With ``exportable``: the ONNX graph takes any H and W (False: exported at a fixed input size).
+    export_dynamic_hw: bool = True
     compile_fullgraph: bool = True
     # False for token-wise blocks (a memory lookup per pixel): their output depends on no other pixel.
     token_mixing: bool = True
@@ -69,7 +71,15 @@ class AttnInfo:
             problems.append(f"year {self.year!r} is implausible")
         if not 0.0 < float(self.flops_exponent) <= 3.0:
             problems.append(f"flops_exponent {self.flops_exponent!r} must be in (0, 3]")
-        for flag in ("native_2d", "causal", "identity_init", "exportable", "compile_fullgraph", "token_mixing"):
+        for flag in (
+            "native_2d",
+            "causal",
+            "identity_init",
+            "exportable",
+            "export_dynamic_hw",
+            "compile_fullgraph",
+            "token_mixing",
+        ):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag} must be a bool")
         if problems:

@@ -36,6 +36,7 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
+    export_dynamic_hw=False,  # measured: ONNX fixes H and W, see docs/support.md
     idea="retina attention: fine local window + progressively average-pooled coarse tokens for far context",
     reference="none",
 )
