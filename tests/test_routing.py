@@ -141,6 +141,24 @@ def test_topw_members_and_scatter_mean():
         torch.testing.assert_close(out[b, h, t], want)
 
 
+def test_topw_members_breaks_ties_by_position():
+    """Tied scores at the w-th place go to the lowest positions (a fixed rule that onnxruntime reproduces),
+    whatever the row length; a row whose NaNs leave fewer than w members still gets valid indices."""
+    scores = torch.tensor([[1.0, 2, 2, 2, 0, 2, 3, 2]])
+    assert topw_members(scores, 1).tolist() == [[6]]
+    assert topw_members(scores, 3).tolist() == [[1, 2, 6]]
+    assert topw_members(scores, 6).tolist() == [[1, 2, 3, 5, 6, 7]]
+    assert topw_members(torch.zeros(2, 9), 4).tolist() == [[0, 1, 2, 3]] * 2
+    g = torch.Generator().manual_seed(1)
+    levels = torch.randint(0, 4, (3, 50), generator=g).float()  # many ties at every threshold
+    for w in (1, 7, 20, 50):
+        for row, idx in zip(levels, topw_members(levels, w), strict=True):
+            order = sorted(range(50), key=lambda i: (-row[i].item(), i))  # by score, then position
+            assert idx.tolist() == sorted(order[:w])
+    nan = torch.tensor([[0.0, float("nan"), 1.0, 2.0]])
+    assert topw_members(nan, 3).max() < 4
+
+
 def test_ema_centroids_move_in_training_only_and_commitment_loss():
     block = build("routing", 16, heads=2, local_heads=0, num_clusters=3, ema_decay=0.5, shared_qk=True)
     x = feature_map(2, 16, 4, 5)
@@ -206,3 +224,19 @@ def test_causal_past_outputs_ignore_future_values(shared_qk):
             out = block(y.view_as(x)).flatten(2)
             torch.testing.assert_close(out[..., : p + 1], ref[..., : p + 1], atol=1e-6, rtol=0)
             assert not torch.allclose(out[..., p + 1 :], ref[..., p + 1 :])
+
+
+@pytest.mark.slow
+def test_onnx_parity_at_an_uneven_size_and_with_tied_tokens(tmp_path):
+    """One dynamic-shape ONNX file matches eager where N is not a multiple of k (w = ceil(N / k): a
+    symbolic -(-N // k) became a truncating Div) and on a map with a constant region (tied scores)."""
+    pytest.importorskip("onnxruntime")
+    from visattn import export
+
+    block = build("routing", 32, heads=2, local_heads=1, local_window=8).eval()
+    x = feature_map(2, 32, 16, 20)
+    path = export.export_onnx(block, x, tmp_path / "routing.onnx")
+    tied = feature_map(2, 32, 13, 9)
+    tied[:, :, 5:] = tied[:, :, :1, :1]
+    for t in (x, feature_map(2, 32, 13, 9), tied):
+        assert export.onnx_max_error(path, block, t) <= export.ONNX_TOL

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, pad_to_multiple, to_map, to_tokens, unpad
+from ..layers import AttnBlock, default_heads, factory_kwargs, to_map, to_tokens
 from ..layers.clustering import centroid_scores, commitment_loss, ema_update_, scatter_mean, topw_members
 from ..layers.hashing import gather_tokens, resolve_seed, seeded_normal
 from ..registry import register_attn
@@ -106,7 +106,8 @@ def _causal_cluster_attention(q, k, v, q_assign, k_assign, nc: int, w: int, shar
     native_2d=False,
     causal=True,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
+    exportable=True,  # measured: ONNX parity with dynamic H, W (docs/support.md)
+    export_dynamic_hw=True,
     idea="online k-means routes queries and keys to clusters; attention within clusters + local-window heads",
     reference="https://github.com/google-research/google-research/tree/master/routing_transformer",
 )
@@ -212,7 +213,7 @@ class Routing(AttnBlock):
     def _routed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, d = q.shape
         nc = self.num_clusters
-        w = -(-n // nc)
+        w = (n + nc - 1) // nc  # not -(-n // nc): ONNX integer Div truncates, Python floors
         q = F.layer_norm(q, (d,))
         k = q if self.shared_qk else F.layer_norm(k, (d,))
         qu = F.normalize(q, dim=-1)
@@ -254,23 +255,27 @@ class Routing(AttnBlock):
 
     def _local(self, q, k, v, height: int, width: int) -> torch.Tensor:
         """Attention within P x P windows of the map, (b, h, n, d) -> (b, h, n, d)."""
-        p = min(self.local_window, max(height, width))
+        # Sizes by symbolic-safe arithmetic (sym_min/sym_max, ceil by positive operands: ONNX's integer
+        # Div truncates), and padding kept in an exported graph, so that one ONNX file serves every H, W.
+        p = torch.sym_min(self.local_window, torch.sym_max(height, width))
         b, h, n, d = q.shape
         qkv = rearrange(torch.cat([q, k, v], dim=1), "b h (y x) d -> b (h d) y x", y=height)
-        qkv, pads = pad_to_multiple(qkv, p)
-        hp, wp = qkv.shape[-2:]
+        hp, wp = (height + p - 1) // p * p, (width + p - 1) // p * p
+        exporting = torch.compiler.is_exporting()
+        if exporting or hp > height or wp > width:
+            qkv = F.pad(qkv, (0, wp - width, 0, hp - height))
         # Windows join the batch-like dims: 4D inputs keep SDPA on its fused kernels.
         wins = rearrange(qkv, "b (t h d) (Y y) (X x) -> t b (h Y X) (y x) d", t=3, h=h, y=p, x=p)
-        mask = self._window_mask(height, width, hp, wp, p, q.device)
+        mask = self._window_mask(height, width, hp, wp, p, q.device, exporting)
         if mask is not None:
             mask = mask.repeat(h, 1, 1)
         out = F.scaled_dot_product_attention(wins[0], wins[1], wins[2], attn_mask=mask)
         out = rearrange(out, "b (h Y X) (y x) d -> b (h d) (Y y) (X x)", h=h, Y=hp // p, y=p)
-        return rearrange(unpad(out, pads), "b (h d) y x -> b h (y x) d", h=h)
+        return rearrange(out[..., :height, :width], "b (h d) y x -> b h (y x) d", h=h)
 
-    def _window_mask(self, height, width, hp, wp, p, device) -> torch.Tensor | None:
+    def _window_mask(self, height, width, hp, wp, p, device, exporting=False) -> torch.Tensor | None:
         """(nW, P², P²) keys a window token may see: real (not padding) and, if causal, not later."""
-        if not self.causal and hp == height and wp == width:
+        if not (self.causal or exporting or hp > height or wp > width):
             return None
         ys, xs = torch.arange(hp, device=device), torch.arange(wp, device=device)
         valid = (ys < height).view(-1, 1) & (xs < width).view(1, -1)

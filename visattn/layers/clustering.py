@@ -32,9 +32,21 @@ def topw_members(scores: torch.Tensor, w: int) -> torch.Tensor:
     """Indices (B, h, k, w) of the ``w`` tokens nearest to each centroid, ascending in position.
 
     Sorting by position makes a cluster's causal mask lower-triangular when queries and keys are the
-    same tokens (shared QK).
+    same tokens (shared QK). Ties at the w-th score (identical tokens, e.g. a constant image region)
+    go to the lowest positions: ``topk`` alone breaks them by implementation (torch and onnxruntime
+    differ), so only its w-th value is used and the members are then picked by unique integer keys.
     """
-    return scores.topk(w, dim=-1).indices.sort(dim=-1).values
+    n = scores.shape[-1]
+    kth = scores.topk(w, dim=-1).values[..., -1:]
+    above = scores > kth
+    tied = scores == kth
+    take = above | (tied & (tied.cumsum(-1) <= w - above.sum(-1, keepdim=True)))
+    # Unique keys, members' above the others', each group descending with position: the top-w keys are
+    # the w members in position order (non-members only fill in when NaN scores leave fewer than w).
+    rev = n - torch.arange(n, device=scores.device)
+    key = torch.where(take, rev + n, rev)
+    top = key.topk(w, dim=-1).values
+    return torch.where(top > n, 2 * n - top, n - top)
 
 
 def scatter_mean(out: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
