@@ -156,16 +156,18 @@ def test_causal_no_future_leak(name):
         assert torch.equal(support, torch.eye(len(support), dtype=torch.bool)), f"{name}: not token-wise"
 
 
+@pytest.mark.parametrize("size", [(6, 7), (20, 23)])
 @pytest.mark.parametrize("name", CAUSAL_NAMES)
-def test_causal_no_future_leak_in_value(name):
+def test_causal_no_future_leak_in_value(name, size):
     """Gradients miss leaks through discrete choices (bucket, cluster or query selection): changing
-    every future pixel must leave every past output unchanged."""
-    h, w = 6, 7
+    every future pixel must leave every past output unchanged. 20 x 23 = 460 tokens spans several
+    chunks, bands or segments at the blocks' default sizes (e.g. Reformer's 64-token chunks)."""
+    h, w = size
     block = build(name, causal=True).eval()
     x = feature_map(1, C, h, w, seed=3)
     with torch.no_grad():
         ref = block(x).flatten(2)
-        for p in (5, 17, 30):
+        for p in (5, h * w // 3, 2 * h * w // 3):
             y = x.clone().flatten(2)
             y[..., p + 1 :] = feature_map(1, C, 1, h * w - p - 1, seed=p).flatten(2) * 3
             out = block(y.view_as(x)).flatten(2)

@@ -36,16 +36,14 @@ def test_onnx_parity(name, tmp_path):
 
 @pytest.mark.parametrize("name", _params(EXPORTABLE))
 def test_torch_export(name):
-    """torch.export succeeds for every exportable block; dynamic H, W where torch.export can prove the
-    shape guards (docs/support.md records which), else at the example shape."""
+    """torch.export succeeds for every exportable block; dynamic H, W where the program's shape guards
+    hold at a second size (docs/support.md records which), else at the example shape."""
     block = export._perturbed(name, 32)
     x = torch.randn(*export.EXAMPLE_SHAPE)
-    try:
-        program = export.export_program(block, x)
-        x_check = torch.randn(2, 32, *export.SECOND_HW)
-    except Exception:
-        program = export.export_program(block, x, dynamic=False)
-        x_check = torch.randn(*export.EXAMPLE_SHAPE)
+    x2 = torch.randn(2, 32, *export.SECOND_HW)
+    program, dynamic = export.torch_export_check(block, x, x2)
+    assert program is not None
+    x_check = x2 if dynamic else torch.randn(*export.EXAMPLE_SHAPE)
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x_check), block(x_check), atol=1e-5, rtol=1e-5)
 
