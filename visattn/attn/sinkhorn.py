@@ -59,7 +59,6 @@ def sinkhorn(logits: torch.Tensor, iters: int, allowed: torch.Tensor | None = No
     native_2d=False,
     causal=True,
     identity_init=True,
-    export_dynamic_hw=False,  # measured: ONNX fixes H and W, see docs/support.md
     idea="Gumbel-Sinkhorn soft permutation of P x P windows; a window attends to itself + its sorted window",
     reference="https://github.com/lucidrains/sinkhorn-transformer",
 )

@@ -9,7 +9,7 @@ __all__ = ["pad_to_multiple", "unpad"]
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+    return (v, v) if isinstance(v, (int, torch.SymInt)) else (v[0], v[1])
 
 
 def pad_to_multiple(
@@ -25,12 +25,14 @@ def pad_to_multiple(
     if mh < 1 or mw < 1:
         raise ValueError(f"pad_to_multiple: multiple must be >= 1, got {(mh, mw)}")
     h, w = x.shape[-2:]
-    ph, pw = (-h) % mh, (-w) % mw
+    # Ceilings from positive operands, and padding kept when exporting (a zero pad is a no-op), so
+    # that an exported graph with symbolic H, W neither truncates (ONNX's integer Div) nor specialises.
+    ph, pw = (h + mh - 1) // mh * mh - h, (w + mw - 1) // mw * mw - w
     if center:
         pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
     else:
         pads = (0, pw, 0, ph)
-    if ph or pw:
+    if torch.compiler.is_exporting() or ph or pw:
         x = F.pad(x, pads, value=value)
     return x, pads
 
