@@ -161,3 +161,29 @@ def test_causal_past_outputs_ignore_future_values():
             y[..., p + 1 :] = 3 * feature_map(1, 16, 1, 71 - p, seed=p).flatten(2)
             out = block(y.view_as(x)).flatten(2)
             torch.testing.assert_close(out[..., : p + 1], ref[..., : p + 1], atol=1e-6, rtol=0)
+
+
+def test_budget_tensor_equals_the_float_formula():
+    from visattn.attn.informer import budget_tensor
+
+    for factor in (1, 5, 20):
+        block = build("informer", 16, factor=factor)
+        sizes = list(range(1, 3000)) + [round(math.exp(k)) + d for k in range(8, 17) for d in (-1, 0, 1)]
+        for n in sizes:
+            assert budget_tensor(n, factor).item() == block.budget(n), (factor, n)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("causal", [False, True])
+def test_onnx_matches_eager(tmp_path, causal):
+    pytest.importorskip("onnxruntime")
+    from visattn import export
+
+    torch.manual_seed(0)
+    block = build("informer", 32, causal=causal).eval()
+    x = torch.randn(2, 32, 16, 20)
+    path = export.export_onnx(block, x, tmp_path / "informer.onnx", dynamic=True)
+    # Small maps (u = n), and with causal=True maps of 2 and 70 blocks of the prefix scan.
+    sizes = [(16, 20), (1, 1), (1, 2), (5, 5), (13, 9), (33, 7), (64, 70)]
+    for size in sizes:
+        assert export.onnx_max_error(path, block, torch.randn(2, 32, *size)) <= 1e-4, size

@@ -143,3 +143,27 @@ def test_isa_mmseg_layout():
 def test_isa_rejects_bad_hyperparameters(kwargs):
     with pytest.raises(ValueError, match="^isa: "):
         visattn.create_attn("isa", 16, **kwargs)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 5), (13, 9), (16, 16)])
+def test_isa_export_path_equals_eager(monkeypatch, size):
+    # Exported, the group counts are read back from tensors, the map is always padded and the crop is a
+    # negative pad: the same numbers.
+    block = build("isa", 16, down_factor=(4, 8)).eval()
+    _randomise_bn_(block)
+    x = feature_map(2, 16, *size)
+    with torch.no_grad():
+        eager = block(x)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        torch.testing.assert_close(block(x), eager, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_isa_onnx_dynamic_hw_matches_eager(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from visattn import export
+
+    block = export._perturbed("isa", 32)
+    path = export.export_onnx(block, torch.randn(2, 32, 16, 20), tmp_path / "isa.onnx", dynamic=True)
+    for size in [(1, 1), (5, 5), (8, 8), (9, 17), (13, 9)]:  # one group per axis, and exact multiples
+        assert export.onnx_max_error(path, block, torch.randn(2, 32, *size)) <= 1e-4, size

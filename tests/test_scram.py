@@ -93,3 +93,24 @@ def test_more_iterations_raise_recall():
 def test_invalid_hyperparameters(kwargs):
     with pytest.raises(ValueError, match="^scram: "):
         visattn.create_attn("scram", 16, **kwargs)
+
+
+def test_search_levels_and_mod_are_the_integer_formulas():
+    from visattn.attn.scram import _mod, search_levels
+
+    for radius in range(1, 5000):
+        assert search_levels(radius).item() == max(1, math.ceil(math.log2(radius)) + 1), radius
+    a = torch.arange(1000)
+    for n in (1, 7, 64, 999):
+        assert torch.equal(_mod(a, n), a % n)
+
+
+@pytest.mark.slow
+def test_onnx_dynamic_hw_matches_eager(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from visattn import export
+
+    block = export._perturbed("scram", 32)
+    path = export.export_onnx(block, torch.randn(2, 32, 16, 20), tmp_path / "scram.onnx", dynamic=True)
+    for size in [(1, 1), (3, 2), (13, 9), (20, 16)]:  # k > N, and maps taller than wide
+        assert export.onnx_max_error(path, block, torch.randn(2, 32, *size)) <= 1e-4, size

@@ -128,3 +128,49 @@ def test_identical_tokens_keep_eval_deterministic_and_batch_independent():
         alone = block(x[:1])
         torch.testing.assert_close(block(x)[:1], alone, atol=1e-6, rtol=1e-6)
         torch.testing.assert_close(block(torch.cat([x[:1], -x[1:]]))[:1], alone, atol=1e-6, rtol=1e-6)
+
+
+def _keys_with_ties() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    floats = torch.randint(-3, 3, (3, 2, 50), generator=g).float() / 2
+    floats[..., ::7] = float("inf")  # padding sorts last, many of them tie
+    floats[0, 0, 1] = float("-inf")
+    return [floats, torch.randint(0, 4, (3, 50), generator=g), torch.randn(2, 40, generator=g)]
+
+
+def test_stable_argsort_export_path_equals_the_stable_sort(monkeypatch):
+    from visattn.layers.hashing import sort_with_inverse, stable_argsort
+
+    keys = _keys_with_ties()
+    assert keys[0].unique().numel() < 10 and keys[1].unique().numel() == 4  # ties do occur
+    expected = [k.argsort(dim=-1, stable=True) for k in keys]
+    # Under torch.export the permutation comes from plain sorts of unique keys (ONNX has no stable sort).
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    for k, e in zip(keys, expected):
+        assert torch.equal(stable_argsort(k), e)
+        perm, inv = sort_with_inverse(k)
+        assert torch.equal(perm, e)
+        assert torch.equal(perm.gather(-1, inv), torch.arange(k.shape[-1]).expand_as(k))
+
+
+@pytest.mark.parametrize("size", [(4, 8), (7, 9), (2, 3)])
+def test_export_path_equals_eager(monkeypatch, size):
+    # The exported graph pads and masks even when H*W is a multiple of the cluster size.
+    block = build("smyrf", C, cluster_size=8).eval()
+    x = feature_map(2, C, *size)
+    x[:, :, :1] = 0.5  # identical tokens: ties in the E2LSH values
+    with torch.no_grad():
+        eager = block(x)
+        monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+        torch.testing.assert_close(block(x), eager, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+def test_onnx_dynamic_hw_matches_eager(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from visattn import export
+
+    block = export._perturbed("smyrf", C)
+    path = export.export_onnx(block, torch.randn(2, C, 16, 20), tmp_path / "smyrf.onnx", dynamic=True)
+    for size in [(1, 1), (5, 5), (13, 9), (7, 33)]:  # one cluster smaller than 32, and padded maps
+        assert export.onnx_max_error(path, block, torch.randn(2, C, *size)) <= 1e-4, size

@@ -40,6 +40,20 @@ def hashed_uniform(n: int, seed: int | torch.Tensor, rows: int, device=None) -> 
     return h.to(torch.float64).div(float(_MASK31 + 1)).float()
 
 
+# floor(e^k): for an integer n > 1, ceil(ln n) = #{k : floor(e^k) < n} (e^k is never an integer).
+_EXP_FLOORS = [math.floor(math.exp(k)) for k in range(40)]
+
+
+def budget_tensor(n: int, factor: int, device=None) -> torch.Tensor:
+    """``min(factor·ceil(ln n), n)`` (1 for n = 1) as a 0-d int64 tensor, by integer comparisons only,
+    so that it stays a function of a symbolic n in an exported graph."""
+    count = (torch.tensor(_EXP_FLOORS, device=device) < n).sum()
+    return (count * factor).clamp(max=n).clamp(min=1)
+
+
+_MAX_SCAN_ROUNDS = 25  # ceil(log2(2^31 / 64)): blocks of 64 up to n < 2^31
+
+
 def causal_active(
     measure: torch.Tensor, u: int, cap: int, block: int = 64
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,15 +74,19 @@ def causal_active(
     ninf = float("-inf")
     # M_i is in the top k of a prefix iff fewer than k prefix measures exceed it; as k <= u, counting
     # among the top u of the earlier blocks is exact whenever it matters.
-    m = F.pad(measure, (0, -n % block), value=ninf).unflatten(-1, (-1, block))  # (b, h, nb, T)
+    m = F.pad(measure, (0, (block - n % block) % block), value=ninf).unflatten(-1, (-1, block))
+    nb = m.shape[2]  # (b, h, nb, T)
     tops = F.pad(m.topk(min(u, block), dim=-1).values, (0, max(u - block, 0)), value=ninf)
-    # Prefix top-u over blocks by a doubling (Hillis-Steele) scan: merged ranges are disjoint.
-    shift = 1
-    while shift < tops.shape[2]:
-        prev = F.pad(tops[:, :, :-shift], (0, 0, shift, 0), value=ninf)
+    # Prefix top-u over blocks by a doubling (Hillis-Steele) scan: merged ranges are disjoint. It takes
+    # ceil(log2(nb)) rounds; an exported graph serves every H, W, so it runs enough rounds for any
+    # n < 2^31 (rounds past nb merge only -inf). Pad-then-crop: no slice end below zero.
+    symbolic = torch.compiler.is_exporting() and not isinstance(nb, int)
+    rounds = _MAX_SCAN_ROUNDS if symbolic else (nb - 1).bit_length()
+    for r in range(rounds):
+        shift = min(1 << r, nb) if symbolic else 1 << r
+        prev = F.pad(tops, (0, 0, shift, 0), value=ninf)[:, :, :nb]
         tops = torch.cat([tops, prev], dim=-1).topk(u, dim=-1).values
-        shift *= 2
-    earlier = F.pad(tops[:, :, :-1], (0, 0, 1, 0), value=ninf)  # top u of the blocks before
+    earlier = F.pad(tops, (0, 0, 1, 0), value=ninf)[:, :, :nb]  # top u of the blocks before
     above = (earlier.unsqueeze(-2) > m.unsqueeze(-1)).sum(-1)
     inside = torch.ones(block, block, dtype=torch.bool, device=measure.device).tril()
     above = above + ((m.unsqueeze(-2) > m.unsqueeze(-1)) & inside).sum(-1)
@@ -90,7 +108,6 @@ def causal_active(
     native_2d=False,
     causal=True,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="ProbSparse: only the c·ln N most peaked queries attend; the lazy ones output mean(V)",
     reference="https://github.com/zhouhaoyi/Informer2020",
 )
@@ -156,7 +173,14 @@ class Informer(AttnBlock):
 
     def budget(self, n: int) -> int:
         """u (= U): min(c·ceil(ln n), n), as the authors' code."""
-        return min(self.factor * math.ceil(math.log(n)) if n > 1 else 1, n)
+        if isinstance(n, int) or not torch.compiler.is_exporting():
+            return min(self.factor * math.ceil(math.log(n)) if n > 1 else 1, n)
+        # Exported with dynamic H, W, ``math.log`` would fix u at the example's value: the same
+        # integer from tensor ops instead, read back as an unbacked size.
+        u = budget_tensor(n, self.factor).item()
+        torch._check(u >= 1)
+        torch._check(u <= n)
+        return u
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import ConvNormAct, make_divisible
 
-from ..layers import AttnBlock, factory_kwargs, multihead_sdpa, pad_to_multiple, unpad
+from ..layers import AttnBlock, factory_kwargs, multihead_sdpa, unpad
 from ..registry import register_attn
 
 __all__ = ["ISA", "ISASelfAttention"]
@@ -62,6 +63,18 @@ def _pair(value, name: str) -> tuple[int, int]:
     return pair
 
 
+def _group_count(size: int, group: int) -> int:
+    """ceil(size / group). While exporting, an unbacked int (read from a tensor): torch.export would
+    otherwise specialise the derived count to the example's (it is > 1 there, and contiguity and
+    broadcast checks guard on "!= 1"), and the graph would not serve maps of one group."""
+    if not torch.compiler.is_exporting():
+        return (size + group - 1) // group
+    count = ((torch.full((), size) + group - 1) // group).item()
+    torch._check(count >= 1)
+    torch._check(count * group >= size)
+    return count
+
+
 @register_attn(
     "isa",
     title="Interlaced Sparse Self-Attention for Semantic Segmentation",
@@ -73,7 +86,6 @@ def _pair(value, name: str) -> tuple[int, int]:
     native_2d=True,
     causal=False,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="dense attention within interlaced (stride-P) groups, then within P_h x P_w blocks",
     reference="https://github.com/open-mmlab/mmsegmentation",
 )
@@ -136,8 +148,15 @@ class ISA(AttnBlock):
 
     def relation(self, x: torch.Tensor) -> torch.Tensor:
         """Both steps on any (B, C, H, W) map (no residual): the body of mmseg's ISAHead."""
-        x, pads = pad_to_multiple(x, self.down_factor, center=True)
-        return unpad(self.short_range(self.long_range(x)), pads)
+        (ph, pw), (h, w) = self.down_factor, x.shape[-2:]
+        pad_h, pad_w = _group_count(h, ph) * ph - h, _group_count(w, pw) * pw - w
+        pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)  # centred, as mmseg
+        exporting = torch.compiler.is_exporting()
+        if exporting or pad_h or pad_w:  # an exported graph serves every H, W: it always pads
+            x = F.pad(x, pads)
+        out = self.short_range(self.long_range(x))
+        # Exported, a negative pad crops: slices at symbolic offsets would add guards on H, W.
+        return F.pad(out, [-p for p in pads]) if exporting else unpad(out, pads)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.out_proj(self.relation(x))

@@ -7,8 +7,6 @@ at shrinking radii), all pixels at once; softmax attention then runs over those 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 from einops import rearrange
@@ -37,6 +35,18 @@ def hash_ints(seed: torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def _mod(a: torch.Tensor, n: int) -> torch.Tensor:
+    """``a % n`` for a >= 0; by a floor division, because ONNX conversion of ``tensor % size`` fails
+    when the size is symbolic (dynamic H, W)."""
+    return a - a // n * n
+
+
+def search_levels(radius: int, device=None) -> torch.Tensor:
+    """Random-search levels max(1, ceil(log2(radius)) + 1) as a 0-d tensor, from integer comparisons
+    (``math.log2`` of a symbolic size would fix the count at the example's value in an exported graph)."""
+    return ((1 << torch.arange(31, device=device)) < radius).sum() + 1
+
+
 @register_attn(
     "scram",
     title="SCRAM: Spatially Coherent Randomized Attention Maps",
@@ -48,7 +58,6 @@ def hash_ints(seed: torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
     native_2d=True,
     causal=False,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="PatchMatch finds each pixel's k best keys on the 2D grid; softmax attention over those k only",
     reference="none",
 )
@@ -114,11 +123,14 @@ class SCRAM(AttnBlock):
         head = torch.arange(h, device=dev).view(h, 1, 1)
         pix = torch.arange(n, device=dev).view(1, n, 1)
         slot = torch.arange(m, device=dev).view(1, 1, m)
-        rows, cols = pix // width, pix % width
+        rows = pix // width
+        cols = pix - rows * width
 
-        offsets = hash_ints(seed, torch.arange(n, device=dev)).topk(m).indices  # m distinct in [0, n)
-        shift = hash_ints(seed + 1, head, pix) % n
-        cand = ((shift + offsets.view(1, 1, m)) % n).expand(b, h, n, m)
+        # m distinct offsets in [0, n): the top m of unique keys (hash, position), so that no tie is
+        # left to the topk implementation (onnxruntime and torch break ties differently).
+        offsets = (hash_ints(seed, pix.view(-1)) * n + pix.view(-1)).topk(m).indices
+        shift = _mod(hash_ints(seed + 1, head, pix), n)
+        cand = _mod(shift + offsets.view(1, 1, m), n).expand(b, h, n, m)
 
         def best(union: torch.Tensor) -> torch.Tensor:
             union, _ = union.sort(dim=-1)
@@ -128,10 +140,11 @@ class SCRAM(AttnBlock):
             scores = scores.masked_fill(dup, float("-inf"))
             return union.gather(-1, scores.topk(m, dim=-1).indices)
 
-        levels = max(1, math.ceil(math.log2(max(height, width))) + 1)
         radius0 = max(height, width)
+        levels = search_levels(radius0, dev)
         for t in range(self.iterations):
-            crow, ccol = cand // width, cand % width
+            crow = cand // width
+            ccol = cand - crow * width
             proposals = [cand]
             step = -1 if t % 2 == 0 else 1
             for di, dj in ((step, 0), (0, step)):
@@ -139,7 +152,7 @@ class SCRAM(AttnBlock):
                 nbr = (nr * width + nc).view(1, 1, n, 1).expand(b, h, n, m)
                 ncand = cand.gather(2, nbr)
                 sr = (ncand // width - di).clamp(0, height - 1)
-                sc = (ncand % width - dj).clamp(0, width - 1)
+                sc = (_mod(ncand, width) - dj).clamp(0, width - 1)
                 proposals.append(sr * width + sc)
             level = (slot + t) % levels
             radius = (radius0 * torch.pow(0.5, level.float())).floor().clamp_min(1).long()

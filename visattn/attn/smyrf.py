@@ -24,6 +24,7 @@ from ..layers.hashing import (
     seeded_normal,
     seeded_uniform,
     sort_with_inverse,
+    stable_argsort,
     xbox_plus,
 )
 from ..registry import register_attn
@@ -40,7 +41,6 @@ from ..registry import register_attn
     native_2d=False,
     causal=False,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="XBOX+ asymmetric transforms + E2LSH sort into balanced query/key clusters; dense attention per cluster",
     reference="https://github.com/giannisdaras/smyrf",
 )
@@ -98,9 +98,11 @@ class Smyrf(AttnBlock):
         _, _, height, width = x.shape
         n = height * width
         c = min(self.cluster_size, n)
-        n_pad = -(-n // c) * c
+        n_pad = (n + c - 1) // c * c  # ceil by positive operands: ONNX integer Div truncates toward 0
         q, k, v = rearrange(self.qkv(self.norm(to_tokens(x))), "b n (t h d) -> t b h n d", t=3, h=self.heads)
-        if n_pad > n:
+        # An exported graph serves every H, W, so it pads and masks even when nothing is padded here.
+        padded = n_pad > n or torch.compiler.is_exporting()
+        if padded:
             q, k, v = (F.pad(t, (0, 0, 0, n_pad - n)) for t in (q, k, v))
         valid = torch.arange(n_pad, device=x.device) < n
 
@@ -113,14 +115,14 @@ class Smyrf(AttnBlock):
             hq = e2lsh_project(fq, alpha, beta).masked_fill(~valid, float("inf"))  # (b, h, R, n_pad)
             hk = e2lsh_project(gk, alpha, beta).masked_fill(~valid, float("inf"))
             q_perm, q_inv = sort_with_inverse(hq)
-            k_perm = hk.argsort(dim=-1, stable=True)
+            k_perm = stable_argsort(hk)
             key_ok = (k_perm < n).unflatten(-1, (-1, c)).unsqueeze(-2)  # (b, h, R, clusters, 1, c)
 
         sq = gather_tokens(q * self.head_dim**-0.5, q_perm).unflatten(3, (-1, c))  # (b, h, R, clusters, c, d)
         sk = gather_tokens(k, k_perm).unflatten(3, (-1, c))
         sv = gather_tokens(v, k_perm).unflatten(3, (-1, c))
         dots = torch.einsum("...id,...jd->...ij", sq, sk)
-        if n_pad > n:
+        if padded:
             dots.masked_fill_(~key_ok, float("-inf"))
         out, lse = attend_lse(dots, sv)
         out = gather_tokens(out.flatten(3, 4), q_inv)  # unsort the queries

@@ -33,6 +33,7 @@ __all__ = [
     "angular_buckets",
     "e2lsh_project",
     "xbox_plus",
+    "stable_argsort",
     "sort_with_inverse",
     "gather_tokens",
     "look_one_back",
@@ -97,7 +98,8 @@ def angular_buckets(x: torch.Tensor, rotations: torch.Tensor, factors: tuple[int
     shape = (*torch.broadcast_shapes(x.shape[:-2], rotations.shape[:-3]), rotations.shape[-3], x.shape[-2])
     if cols == 0:
         return torch.zeros(shape, dtype=torch.long, device=x.device)
-    rotated = torch.einsum("...nd,...rdp->...rnp", x, rotations[..., :cols].to(x.dtype))
+    # A broadcast matmul, not einsum: onnxruntime's Einsum rejects ellipses of different ranks.
+    rotated = x.unsqueeze(-3) @ rotations[..., :cols].to(x.dtype)
     buckets, start, scale = None, 0, 1
     for f in factors:
         part = rotated[..., start : start + f // 2]
@@ -150,10 +152,31 @@ def xbox_plus(
     return torch.cat([q, zero, ext_q], dim=-1), torch.cat([k, ext_k, zero], dim=-1)
 
 
+def stable_argsort(keys: torch.Tensor) -> torch.Tensor:
+    """``argsort(keys, stable=True)`` along the last dim, also when exported to ONNX.
+
+    ONNX has no stable sort (``aten.sort.stable`` does not convert), so under ``torch.export`` the same
+    permutation comes from a plain sort of unique int64 keys ``key * N + position``; float keys are
+    first replaced by their dense rank (a plain sort, then the index of each run of equal values).
+    Eager keeps the one stable sort, which is faster.
+    """
+    if not torch.compiler.is_exporting():
+        return keys.argsort(dim=-1, stable=True)
+    n = keys.shape[-1]
+    if keys.is_floating_point():
+        first = keys.argsort(dim=-1)  # ties in any order: only the runs of equal values are used
+        ordered = keys.gather(-1, first)
+        starts = torch.cat(
+            [torch.ones_like(ordered[..., :1], dtype=torch.bool), ordered[..., 1:] != ordered[..., :-1]], -1
+        )
+        keys = torch.zeros_like(first).scatter(-1, first, starts.long().cumsum(-1))
+    return (keys.long() * n + torch.arange(n, device=keys.device)).argsort(dim=-1)
+
+
 def sort_with_inverse(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``perm = argsort(keys)`` along the last dim (stable: ties, e.g. identical tokens of a flat image
     region, keep raster order, so eval stays deterministic) and its inverse (``inv[perm[i]] = i``)."""
-    perm = keys.argsort(dim=-1, stable=True)
+    perm = stable_argsort(keys)
     ticker = torch.arange(keys.shape[-1], device=keys.device).expand_as(perm)
     inv = torch.empty_like(perm).scatter_(-1, perm, ticker)
     return perm, inv
