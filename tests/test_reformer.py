@@ -56,13 +56,17 @@ def naive_lsh(block, x):
             rounds = len(buckets)
             for r in range(rounds):
                 buckets[r] = [bk if p < n else nb for p, bk in enumerate(buckets[r])]
-            chunk = []
+            chunk, rank = [], []
             for r in range(rounds):
                 order = sorted(range(n_pad), key=lambda p, r=r: (buckets[r][p], p))
                 slot = {p: s for s, p in enumerate(order)}
                 chunk.append([slot[p] // m for p in range(n_pad)])
+                # causal chunks: rank of a token among the earlier tokens of its bucket, in blocks of m
+                rank.append([sum(buckets[r][q] == buckets[r][p] for q in range(p)) // m for p in range(n_pad)])
 
-            def in_window(r, i, j, chunk=chunk, buckets=buckets):
+            def in_window(r, i, j, chunk=chunk, rank=rank, buckets=buckets):
+                if block.causal:
+                    return buckets[r][i] == buckets[r][j] and 0 <= rank[r][i] - rank[r][j] <= 1
                 return (chunk[r][i] - chunk[r][j]) % nc <= 1 and (
                     block.attend_across_buckets or buckets[r][i] == buckets[r][j]
                 )
@@ -72,7 +76,7 @@ def naive_lsh(block, x):
                 for r in range(rounds):
                     keys, logits = [], []
                     for j in range(n_pad):
-                        if (chunk[r][i] - chunk[r][j]) % nc > 1:
+                        if not block.causal and (chunk[r][i] - chunk[r][j]) % nc > 1:
                             continue
                         if j == i:
                             keys.append(j)
@@ -110,7 +114,7 @@ def test_one_bucket_equals_full_shared_qk_attention(causal, size):
         {"causal": True},
         {"allow_duplicates": True},
         {"attend_across_buckets": False},
-        {"attend_across_buckets": False, "causal": True},
+        {"causal": True, "n_buckets": 2},
         {"n_buckets": 4, "allow_duplicates": True, "attend_across_buckets": False},
     ],
 )
@@ -121,6 +125,29 @@ def test_matches_naive_reference(kwargs):
         block.qkv.weight.mul_(4)  # sharper queries: buckets and chunks matter
         x = feature_map(1, C, 7, 9)
         torch.testing.assert_close(block(x), naive_lsh(block, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n_hashes", [1, 3])
+def test_causal_past_outputs_do_not_depend_on_future_pixels(n_hashes):
+    """The paper's sorted chunks let future tokens move chunk boundaries (a leak gradients do not show);
+    bucket-aligned causal chunks must not: change every later pixel, the earlier outputs stay."""
+    block = build("reformer", C, heads=2, n_hashes=n_hashes, chunk_size=8, causal=True).eval()
+    with torch.no_grad():
+        block.qkv.weight.mul_(4)
+        x = feature_map(1, C, 9, 11, seed=5)
+        for cut in (20, 50, 77):
+            y = x.flatten(2).clone()
+            y[..., cut:] = torch.randn(1, C, y.shape[-1] - cut, generator=torch.Generator().manual_seed(cut))
+            y = y.view_as(x)
+            a, b = block(x).flatten(2)[..., :cut], block(y).flatten(2)[..., :cut]
+            # keys change sorted slots, so sums run in another order: equal up to rounding
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"leak at cut {cut}")
+
+
+def test_causal_forbids_attending_across_buckets():
+    with pytest.raises(ValueError, match="^reformer: causal attention cannot attend across buckets"):
+        visattn.create_attn("reformer", C, causal=True, attend_across_buckets=True)
+    assert not visattn.create_attn("reformer", C, causal=True).attend_across_buckets
 
 
 def _rel_error(block, x):

@@ -3,7 +3,8 @@
 Sequence method on the flattened map (raster order), content-based, so no positional code is added:
 pre-norm tokens, shared-QK heads hashed by angular LSH, sorted by (bucket, position), cut into chunks
 of m tokens that attend to themselves and the previous chunk, n_hashes rounds merged by logsumexp.
-H*W is padded to a multiple of m; padded tokens sort last and are never attended.
+H*W is padded to a multiple of m; padded tokens sort last and are never attended. Causal attention
+chunks each bucket on its own (see ``Reformer``), so that no future token can move a chunk boundary.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from ..layers.hashing import (
     factor_buckets,
     gather_tokens,
     hash_draw,
-    look_one_back,
     merge_rounds,
     resolve_seed,
     rotation_columns,
@@ -46,7 +46,7 @@ MAX_BUCKETS = 4096
     native_2d=False,
     causal=True,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
+    export_dynamic_hw=False,  # measured: bucket count and chunk size follow H*W, fixed at export
     idea="shared-QK attention within angular-LSH buckets: sort by hash, attend within chunk + previous chunk",
     reference="https://github.com/google/trax/tree/master/trax/models/reformer",
 )
@@ -62,9 +62,13 @@ class Reformer(AttnBlock):
     raster positions. Hash rotations are buffers drawn from a seeded generator (deterministic,
     batch-independent eval); in training they are redrawn every call, as the paper rehashes.
 
-    With ``causal=True`` gradients never reach the future, but which past keys share a chunk with a
-    query depends on where chunk boundaries fall, i.e. on the buckets of all tokens: a discrete
-    dependence on the future that the paper's sort-and-chunk scheme has by construction.
+    Causal attention (``causal=True``) cannot use the paper's chunks as they are: a chunk boundary in
+    the sorted order moves with the number of tokens in lower buckets, future tokens included, so the
+    past keys a query sees would depend on the future (reformer-pytorch and trax have this leak). Here
+    causal chunks are cut within each bucket: a query sees the earlier keys of its own bucket whose
+    rank in the bucket (raster order) falls in its own or the previous block of m ranks. That set is
+    fixed by the earlier tokens alone, so outputs are exactly causal, in value as well as in gradient.
+    It is the paper's scheme with ``attend_across_buckets=False`` and bucket-aligned chunks.
 
     Args:
         channels: input channels C.
@@ -73,8 +77,9 @@ class Reformer(AttnBlock):
         chunk_size: chunk length m (paper: 64); maps with fewer tokens use one chunk of all of them.
         n_buckets: buckets per round, 1 or even. None: 2 * (padded tokens // m) as in trax (the
             paper's m = 2N / n_buckets), capped at 4096; above 128 buckets the hash is factorised.
-        attend_across_buckets: attend to every key of the two chunks (True, the paper's chunked
-            scheme and the authors' trax runs) or only to those of the query's bucket.
+        attend_across_buckets: attend to every key of the two chunks (the paper's chunked scheme
+            and the authors' trax runs; the default without ``causal``) or only to those of the
+            query's bucket. Causal attention needs False (its default then), see above.
         allow_duplicates: skip the de-duplication over rounds (reformer-pytorch's default; it costs
             about as much again as the rest of the block on CPU).
         qkv_bias: bias of the shared-QK and value projections.
@@ -90,7 +95,7 @@ class Reformer(AttnBlock):
         n_hashes: int = 8,
         chunk_size: int = 64,
         n_buckets: int | None = None,
-        attend_across_buckets: bool = True,
+        attend_across_buckets: bool | None = None,
         allow_duplicates: bool = False,
         qkv_bias: bool = True,
         seed: int | None = None,
@@ -110,6 +115,13 @@ class Reformer(AttnBlock):
             or (n_buckets > 1 and n_buckets % 2)
         ):
             raise ValueError(f"reformer: n_buckets must be None, 1 or an even int, got {n_buckets!r}")
+        if attend_across_buckets is None:
+            attend_across_buckets = not causal
+        elif causal and attend_across_buckets:
+            raise ValueError(
+                "reformer: causal attention cannot attend across buckets (future tokens would move the "
+                "chunk boundaries); use attend_across_buckets=False or leave it None"
+            )
         dd = factory_kwargs(device, dtype)
         self.heads, self.head_dim = heads, channels // heads
         self.n_hashes, self.chunk_size, self.n_buckets = n_hashes, chunk_size, n_buckets
@@ -136,6 +148,9 @@ class Reformer(AttnBlock):
         m = min(self.chunk_size, n)
         n_pad = -(-n // m) * m
         nc, nb = n_pad // m, self.buckets_for(n_pad)
+        # Chunks before the query's that hold keys: the previous one, or two for causal bucket-aligned
+        # chunks (a query's window of ranks starts up to 2m - 1 sorted slots before it).
+        back = min(2 if self.causal else 1, nc - 1)
         qk, v = rearrange(self.qkv(self.norm(to_tokens(x))), "b n (t h d) -> t b h n d", t=2, h=self.heads)
         if n_pad > n:
             qk, v = F.pad(qk, (0, 0, 0, n_pad - n)), F.pad(v, (0, 0, 0, n_pad - n))
@@ -147,75 +162,94 @@ class Reformer(AttnBlock):
             buckets = buckets.masked_fill(pos >= n, nb)  # padding: a bucket of its own, sorted last
             perm, inv = sort_with_inverse(buckets * n_pad + pos)
             qpos = perm.unflatten(-1, (nc, m))  # raster position of each sorted slot
-            kpos = look_one_back(qpos, 3)
-            sbuckets = buckets.gather(-1, perm).unflatten(-1, (nc, m))
-            allowed = self._allowed(qpos, kpos, sbuckets, n)
-            counts = (
-                None
-                if self.allow_duplicates or self.n_hashes == 1
-                else self._counts(inv, buckets, qpos, m, nb)
-            )
+            kpos = _look_back(qpos, 3, back)
+            # Chunk code per token: its chunk, or (bucket, block of m ranks in the bucket) when causal.
+            codes, nexts = self._codes(buckets, inv, m, nb)
+            scodes = codes.gather(-1, perm).unflatten(-1, (nc, m))
+            snexts = nexts.gather(-1, perm).unflatten(-1, (nc, m))
+            bias = self._bias(qpos, kpos, scodes, _look_back(scodes, 3, back), _look_back(snexts, 3, back), n)
+            if not (self.allow_duplicates or self.n_hashes == 1):
+                bias = bias - self._counts(codes, nexts, qpos, back).log_()
 
         sq = gather_tokens(qk, perm).unflatten(3, (nc, m))  # (b, h, R, nc, m, d)
-        sk = look_one_back(gather_tokens(F.normalize(qk, dim=-1), perm).unflatten(3, (nc, m)), 3)
-        sv = look_one_back(gather_tokens(v, perm).unflatten(3, (nc, m)), 3)
-        dots = torch.einsum("...id,...jd->...ij", sq, sk)  # (b, h, R, nc, m, m or 2m)
-        if counts is not None:
-            dots.sub_(counts.to(dots.dtype).log_())  # log 0 = -inf only where the mask below applies
-        if allowed is not None:
-            dots.masked_fill_(~allowed, float("-inf"))
-        # The query's own key is slot i of its own chunk, the first m keys of its window.
-        dots.diagonal(dim1=-2, dim2=-1).sub_(SELF_PENALTY)
+        sk = _look_back(gather_tokens(F.normalize(qk, dim=-1), perm).unflatten(3, (nc, m)), 3, back)
+        sv = _look_back(gather_tokens(v, perm).unflatten(3, (nc, m)), 3, back)
+        dots = sq @ sk.transpose(-1, -2) + bias.to(qk.dtype)  # (b, h, R, nc, m, w)
         out, lse = attend_lse(dots, sv)
         out = gather_tokens(out.flatten(3, 4), inv)  # unsort
         out = merge_rounds(out, lse.flatten(3).gather(-1, inv), dim=2)[:, :, :n]
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
         return x + to_map(out, height, width)
 
-    def _allowed(self, qpos, kpos, sbuckets, n: int) -> torch.Tensor | None:
-        """Boolean (b, h, R, nc, m, w) mask of attendable keys (self always allowed: it is the fallback)."""
-        allowed = None
-        if self.causal:
-            allowed = kpos.unsqueeze(-2) <= qpos.unsqueeze(-1)
-        elif n < qpos.shape[-1] * qpos.shape[-2]:
-            allowed = (kpos < n).unsqueeze(-2).expand(*qpos.shape, kpos.shape[-1])
-        if not self.attend_across_buckets:
-            same = sbuckets.unsqueeze(-1) == look_one_back(sbuckets, 3).unsqueeze(-2)
-            allowed = same if allowed is None else allowed & same
-        if allowed is not None:
-            allowed = allowed.clone()
-            allowed.diagonal(dim1=-2, dim2=-1).fill_(True)
-        return allowed
+    def _codes(self, buckets: torch.Tensor, inv: torch.Tensor, m: int, nb: int):
+        """Per token and round, small int ``codes`` and ``nexts`` such that key j is in query i's window
+        iff ``code_j == code_i`` (same chunk) or ``next_j == code_i`` (j in the chunk before i's, circularly
+        without ``causal``). Codes of different buckets are at least ``blocks`` apart."""
+        n_pad = buckets.shape[-1]
+        blocks = n_pad // m + 2
+        chunks = inv // m
+        if self.causal:  # (bucket, rank in the bucket // m): rank = sorted slot - first slot of the bucket
+            sizes = torch.zeros(*buckets.shape[:-1], nb + 1, dtype=torch.long, device=buckets.device)
+            sizes = sizes.scatter_add(-1, buckets, torch.ones_like(buckets))
+            first = sizes.cumsum(-1) - sizes
+            codes = buckets * blocks + (inv - first.gather(-1, buckets)) // m
+            nexts = codes + 1
+        else:
+            nc = n_pad // m
+            codes = chunks if self.attend_across_buckets else buckets * blocks + chunks
+            nexts = codes - chunks + torch.where(chunks + 1 == nc, 0, chunks + 1)  # (chunks + 1) % nc
+        # Small integer codes keep the pairwise passes (the cost of de-duplication) cheap.
+        small = torch.int16 if (nb + 2) * blocks < 2**15 else torch.int32
+        return codes.to(small), nexts.to(small)
 
-    def _counts(self, inv, buckets, qpos, m: int, nb: int) -> torch.Tensor:
-        """N_ij: the number of rounds in which key j lies in query i's window (and bucket), per pair."""
-        nc = qpos.shape[-2]
+    def _bias(self, qpos, kpos, scodes, kcodes, knexts, n: int) -> torch.Tensor:
+        """Additive (b, h, R, nc, m, w) logit bias: -inf for keys outside the window, masked or padded;
+        -1e5 on the query's own key (slot i of its own chunk, the first m keys of its window)."""
+        m, w = qpos.shape[-1], kpos.shape[-1]
+        allowed = (kpos < n).unsqueeze(-2)
+        if self.causal:
+            allowed = allowed & (kpos.unsqueeze(-2) <= qpos.unsqueeze(-1))
+        if self.causal or not self.attend_across_buckets:
+            q = scodes.unsqueeze(-1)
+            allowed = allowed & ((q == kcodes.unsqueeze(-2)) | (q == knexts.unsqueeze(-2)))
+        own = torch.eye(m, w, dtype=torch.bool, device=qpos.device)
+        bias = torch.zeros((), device=qpos.device).masked_fill(~(allowed | own), float("-inf"))
+        return bias - own * SELF_PENALTY
+
+    def _counts(
+        self, codes: torch.Tensor, nexts: torch.Tensor, qpos: torch.Tensor, back: int
+    ) -> torch.Tensor:
+        """N_ij: the number of rounds in which key j lies in query i's window, per (query, key) slot
+        (at least 1, so that log N is finite where the bias already excludes the key)."""
         flat = qpos.flatten(2)
-        # Per token and round a code bucket * nc + chunk (bucket 0 when buckets are ignored): key j is
-        # in query i's round-r window iff code_j == code_i (same chunk) or next_j == code_i (previous
-        # chunk). Small integer codes keep the pairwise passes cheap.
-        span = nc if self.attend_across_buckets else (nb + 1) * nc
-        small = torch.int16 if span < 2**15 else torch.int32
-        chunks = (inv // m).to(small)
-        codes = chunks if self.attend_across_buckets else buckets.to(small) * nc + chunks
-        nexts = codes - chunks + (chunks + 1) % nc  # a key's code as seen from the following chunk
-        # Byte counters: the accumulating passes are the cost here.
+        w = qpos.shape[-1] * (back + 1)
+        # Byte counters and a reused buffer: these accumulating passes are the cost of de-duplication.
         count_dtype = torch.uint8 if self.n_hashes < 256 else torch.int32
-        counts = torch.zeros(*qpos.shape, qpos.shape[-1] * min(nc, 2), dtype=count_dtype, device=qpos.device)
+        counts = torch.zeros(*qpos.shape, w, dtype=count_dtype, device=qpos.device)
         hit = torch.empty(counts.shape, dtype=torch.bool, device=qpos.device)
-        hit_bytes = hit.view(torch.uint8) if count_dtype == torch.uint8 else hit  # adds without a cast
+        # A byte view of the hits adds without a cast; exporters have no bit-cast, so they get the cast.
+        reinterpret = count_dtype == torch.uint8 and not torch.compiler.is_exporting()
+        hit_count = hit.view(torch.uint8) if reinterpret else hit
         for r in range(self.n_hashes):
             code_q = codes[:, :, r].gather(-1, flat).view_as(qpos)
-            torch.eq(code_q.unsqueeze(-1), look_one_back(code_q, 3).unsqueeze(-2), out=hit)
-            counts += hit_bytes
-            if nc > 1:
+            torch.eq(code_q.unsqueeze(-1), _look_back(code_q, 3, back).unsqueeze(-2), out=hit)
+            counts += hit_count
+            if back:
                 code_next = nexts[:, :, r].gather(-1, flat).view_as(qpos)
-                torch.eq(code_q.unsqueeze(-1), look_one_back(code_next, 3).unsqueeze(-2), out=hit)
-                counts += hit_bytes
-        return counts
+                torch.eq(code_q.unsqueeze(-1), _look_back(code_next, 3, back).unsqueeze(-2), out=hit)
+                counts += hit_count
+        return counts.clamp_min_(1).float()
 
     def extra_repr(self) -> str:
         return (
             f"channels={self.channels}, heads={self.heads}, n_hashes={self.n_hashes}, "
             f"chunk_size={self.chunk_size}, n_buckets={self.n_buckets}, causal={self.causal}"
         )
+
+
+def _look_back(x: torch.Tensor, chunk_dim: int, back: int) -> torch.Tensor:
+    """Each chunk along ``chunk_dim`` followed by its ``back`` predecessors (circularly) along
+    ``chunk_dim + 1``; wrapped chunks are excluded by the masks (later in the sort, other buckets)."""
+    if back == 0:
+        return x
+    return torch.cat([x] + [x.roll(k, dims=chunk_dim) for k in range(1, back + 1)], dim=chunk_dim + 1)
