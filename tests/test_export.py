@@ -75,7 +75,8 @@ def test_export_cli_refuses_non_exportable_with_reason(tmp_path, capsys):
     if not names:
         pytest.skip("every block is exportable")
     assert cli.main(["export", names[0], "-o", str(tmp_path / "x.onnx")]) == 2
-    assert "not exportable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not exportable" in err and visattn.attn_info(names[0]).export_note in err
 
 
 def test_export_cli_falls_back_to_fixed_size_where_dynamic_is_not_declared(tmp_path, capsys, monkeypatch):
@@ -84,10 +85,11 @@ def test_export_cli_falls_back_to_fixed_size_where_dynamic_is_not_declared(tmp_p
     from visattn import registry
 
     cls, info = registry._REGISTRY["cbam"]
-    monkeypatch.setitem(registry._REGISTRY, "cbam", (cls, dataclasses.replace(info, export_dynamic_hw=False)))
+    info = dataclasses.replace(info, export_dynamic_hw=False, export_note="a test reason")
+    monkeypatch.setitem(registry._REGISTRY, "cbam", (cls, info))
     out = tmp_path / "cbam.onnx"
     assert cli.main(["export", "cbam", "-o", str(out), "--size", "8x6"]) == 0
-    assert "fixed size 8x6" in capsys.readouterr().err
+    assert "fixed size 8x6: a test reason" in capsys.readouterr().err
     import onnx
 
     dims = [d.dim_value for d in onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim]

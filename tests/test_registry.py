@@ -81,6 +81,10 @@ def test_register_checks_constructor_and_info():
 
     with pytest.raises(ValueError, match="family"):
         visattn.register_attn("tmp_bad_family", **{**INFO, "family": "magic"})
+    with pytest.raises(ValueError, match="needs an export_note"):
+        visattn.register_attn("tmp_no_note", **{**INFO, "exportable": False})
+    with pytest.raises(ValueError, match="needs an export_note"):
+        visattn.register_attn("tmp_no_note", **{**INFO, "export_dynamic_hw": False, "export_note": " "})
     with pytest.raises(TypeError, match="unknown AttnInfo field"):
         visattn.register_attn("tmp_bad_field", **INFO, speed="fast")
     assert not any(n.startswith("tmp_") for n in _REGISTRY)

@@ -135,9 +135,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     dynamic = not args.static
     if dynamic and not export.dynamic_hw_supported(args.name, args.attn):
+        block = args.name if args.name in registry.list_attns() else args.attn
         print(
-            f"visattn: exporting at the fixed size {h}x{w} (this block exports only at a fixed H and W, see "
-            "docs/support.md)",
+            f"visattn: exporting at the fixed size {h}x{w}: {registry.attn_info(block).export_note}",
             file=sys.stderr,
         )
         dynamic = False

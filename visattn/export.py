@@ -226,6 +226,18 @@ def support_markdown(rows: list[SupportRow]) -> str:
             f"{ok(r.dynamic_hw)} | {ok(info.exportable)} | {ok(info.exportable and info.export_dynamic_hw)} | "
             f"{r.note} |"
         )
+    limited = [(r.name, attn_info(r.name)) for r in rows]
+    limited = [(n, i) for n, i in limited if not (i.exportable and i.export_dynamic_hw)]
+    if limited:
+        lines += [
+            "",
+            "Why a block does not export, or only at a fixed H, W (its `AttnInfo.export_note`):",
+            "",
+        ]
+        lines += [
+            f"- `{n}` ({'fixed size' if i.exportable else 'not exportable'}): {i.export_note}"
+            for n, i in limited
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -250,8 +262,8 @@ def build_exportable(name: str, *, channels: int = 32, attn: str | None = None) 
         info = attn_info(name)
         if not info.exportable:
             raise NotExportableError(
-                f"{name} is not exportable: its AttnInfo says exportable=False (data-dependent computation, see "
-                "docs/support.md); use it in eager mode or under torch.compile"
+                f"{name} is not exportable: {info.export_note} (docs/support.md); use it in eager mode or "
+                "under torch.compile"
             )
         return create_attn(name, channels).eval()
     import timm
@@ -260,7 +272,7 @@ def build_exportable(name: str, *, channels: int = 32, attn: str | None = None) 
         from .models import create_model
 
         if attn is not None and not attn_info(attn).exportable:
-            raise NotExportableError(f"{attn} is not exportable (AttnInfo.exportable=False)")
+            raise NotExportableError(f"{attn} is not exportable: {attn_info(attn).export_note}")
         if name.startswith("visattn_"):
             return timm.create_model(name).eval()
         return create_model(name, attn).eval()

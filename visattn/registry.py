@@ -55,6 +55,9 @@ class AttnInfo:
     exportable: bool = True
     # With ``exportable``: the ONNX graph takes any H and W (False: exported at a fixed input size).
     export_dynamic_hw: bool = True
+    # Why a block does not export, or only at a fixed size (required then; shown by `visattn export`
+    # and docs/support.md).
+    export_note: str = ""
     compile_fullgraph: bool = True
     # False for token-wise blocks (a memory lookup per pixel): their output depends on no other pixel.
     token_mixing: bool = True
@@ -82,6 +85,10 @@ class AttnInfo:
         ):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag} must be a bool")
+        if not isinstance(self.export_note, str):
+            problems.append("export_note must be a str")
+        elif not (self.exportable and self.export_dynamic_hw) and not self.export_note.strip():
+            problems.append("exportable=False or export_dynamic_hw=False needs an export_note saying why")
         if problems:
             raise ValueError(f"invalid AttnInfo for {self.name!r}: " + "; ".join(problems))
 

@@ -34,7 +34,8 @@ def _check_int(name: str, value, low: int) -> int:
     native_2d=False,
     causal=True,
     identity_init=True,
-    export_dynamic_hw=False,  # measured: the recurrence over row-bands unrolls, so H is fixed at export
+    export_dynamic_hw=False,
+    export_note="the recurrence over row-bands unrolls in the exported graph, so H is fixed at export",
     idea="row-bands as segments attending to [compressed memory; memory; band]; evicted rows conv-compressed",
     reference="https://github.com/lucidrains/compressive-transformer-pytorch",
 )

@@ -29,7 +29,8 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
-    export_dynamic_hw=False,  # measured: the recurrence over row-bands unrolls, so H is fixed at export
+    export_dynamic_hw=False,
+    export_note="the recurrence over row-bands unrolls in the exported graph, so H is fixed at export",
     idea="k memory slots read by the pixels of each row-band, rewritten slot-wise with biased normalization",
     reference="https://github.com/lucidrains/memformer",
 )

@@ -28,11 +28,13 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
-    # Measured: exports (dynamic H, W) but ORT != eager (1e2 at 2x32x16x20): the output is ill-conditioned, not
-    # mis-exported. 293/640 denominators are <= 0 (clamped to eps: |out| up to 6e7); there a 2^-24 relative input
-    # change moves the float64 output by 16 (2e-6 where den >= 10), and float32 eager itself is off float64 by 71.
     exportable=False,
     export_dynamic_hw=False,
+    export_note=(
+        "exports, but onnxruntime differs from eager by up to 1e2: the sin/cos features make the output "
+        "ill-conditioned (at the check input 293 of 640 denominators are clamped; a 2^-24 relative input "
+        "change moves the float64 output by 16 there, and float32 eager itself is off float64 by 71)"
+    ),
     idea="softmax kernel estimated by sin/cos orthogonal random features (FAVOR): attention as φ(Q)(φ(K)ᵀV)",
     reference="https://github.com/google-research/google-research/tree/master/performer/fast_attention",
 )

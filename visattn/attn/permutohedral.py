@@ -195,10 +195,12 @@ class _SplatBlurSlice(torch.autograd.Function):
     identity_init=True,
     idea="Gaussian-kernel non-local attention evaluated by splat-blur-slice on a permutohedral lattice",
     reference="https://github.com/SamuelJoutard/Permutohedral_attention_module",
-    # The lattice is built by hashing with a collision check and rehash loop (torch.equal on data: a
-    # DataDependentOutputException in torch.export); past it, ONNX has no searchsorted (neighbour lookup)
-    # or stable sort, and the hash multipliers come from a torch.Generator in forward. Graph breaks too.
     exportable=False,
+    export_note=(
+        "the lattice is built by hashing with a collision check and rehash loop on data (torch.equal: "
+        "DataDependentOutputException in torch.export); past it, ONNX has no searchsorted (neighbour "
+        "lookup) or stable sort, and the hash multipliers come from a torch.Generator in forward"
+    ),
     compile_fullgraph=False,
 )
 class PermutohedralAttention(AttnBlock):

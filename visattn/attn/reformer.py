@@ -46,7 +46,8 @@ MAX_BUCKETS = 4096
     native_2d=False,
     causal=True,
     identity_init=True,
-    export_dynamic_hw=False,  # measured: bucket count and chunk size follow H*W, fixed at export
+    export_dynamic_hw=False,
+    export_note="the bucket count and chunk size follow H*W and are fixed at export",
     idea="shared-QK attention within angular-LSH buckets: sort by hash, attend within chunk + previous chunk",
     reference="https://github.com/google/trax/tree/master/trax/models/reformer",
 )
