@@ -9,6 +9,7 @@ import torch
 from helpers import build, feature_map, raster_jacobian_support
 from test_sparse_pattern import dense_attention, map_mask, mask_from_sets, receptive_field
 
+from visattn.attn.bigbird import _mix32
 from visattn.bench import saved_activation_bytes
 from visattn.layers import to_map, to_tokens
 
@@ -132,3 +133,40 @@ def test_invalid_hyperparameters_raise():
     for kwargs in ({"block_size": 0}, {"window": 2}, {"num_random": -1}, {"heads": 3}):
         with pytest.raises(ValueError, match="^bigbird: "):
             build("bigbird", C, **kwargs)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_random_patches_are_the_r_lowest_hashes(causal):
+    """The draw, exactly: the r allowed patches with the lowest (hash, index), ties to the lower index (the
+    same rule in torch and onnxruntime)."""
+    r = 2
+    block = build("bigbird", C, block_size=P, num_global=2, num_random=r, causal=causal)
+    mask = _mask(block, H, W)
+    k0, k1 = block.rand_key.tolist()
+    glob = {0, NBH * NBW - 1}
+    for b in set(range(NBH * NBW)) - glob:
+        allowed = [c for c in range(NBH * NBW) if c not in neighbours(b) | glob and (not causal or c <= b)]
+        score = {c: int(_mix32(_mix32(torch.tensor(b + k0)) ^ torch.tensor(c + k1))) for c in allowed}
+        want = set(sorted(allowed, key=lambda c: (score[c], c))[:r])
+        p = min(q for q in range(H * W) if patch(q) == b)
+        got = {patch(q) for q in mask[p].nonzero().flatten().tolist()} - neighbours(b) - glob
+        assert got == want, b
+
+
+@pytest.mark.parametrize("kwargs,hw", [({}, (5, 6)), ({"block_size": 3, "num_global": 3}, (3, 5))])
+def test_fewer_patches_than_globals_is_dense_attention_with_exact_gradients(kwargs, hw):
+    """Every patch is global (the global ids repeat): dense attention, each query counted once, also in the
+    backward pass."""
+    h, w = hw
+    block = build("bigbird", C, **kwargs)
+    x = feature_map(2, C, h, w, requires_grad=True)
+    k, v = (m.double() for m in block.kv(to_tokens(x)).chunk(2, dim=-1))
+    full = torch.ones(h * w, h * w, dtype=torch.bool)
+    ref = dense_attention(block.q(to_tokens(x)), k, v, full, block.heads)
+    ref = x.double() + to_map(ref @ block.proj.weight.double().T + block.proj.bias.double(), h, w)
+    out = block(x)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    (g,) = torch.autograd.grad((out * weights).sum(), x)
+    (g_ref,) = torch.autograd.grad((ref * weights.double()).sum(), x)
+    torch.testing.assert_close(g.double(), g_ref.double(), atol=1e-5, rtol=1e-5)

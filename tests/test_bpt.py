@@ -100,6 +100,50 @@ def test_pyramid_pattern_is_the_interaction_list(hw, r, causal):
     assert torch.equal(got, naive_mask(h, w, r, pyr.depth, causal))
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("hw,r", [((9, 11), 1), ((5, 30), 1), ((1, 1), 2)])
+def test_levels_beyond_the_full_pyramid_are_empty(hw, r, causal):
+    """A dynamic-shape export builds the pyramid of the largest admitted map; on a smaller map the extra
+    levels must add no key, so the key sets are the full pyramid's."""
+    h, w = hw
+    depth = naive_depth(h, w, r)
+    got = pattern_on_map(pyramid_pattern(Pyramid(h, w, r, depth + 3), causal=causal).pattern, h, w)
+    want = naive_mask(h, w, r, depth, causal)
+    assert torch.equal(got[:, : want.shape[1]], want) and not got[:, want.shape[1] :].any()
+
+
+@pytest.mark.parametrize("name", ["bpt", "multiscale"])
+def test_blocks_with_deeper_pyramids_are_unchanged(name, monkeypatch):
+    """With the export's deeper pyramid (cells, relative keys, pooled tokens) the blocks are unchanged."""
+    block = build(name, C, causal=True).eval()
+    x = feature_map(2, C, 7, 12)
+    with torch.no_grad():
+        ref = block(x)
+    full = Pyramid.of.__func__
+
+    def deeper(cls, h, w, r, levels=None):
+        pyr = full(cls, h, w, r, levels)
+        return pyr._replace(depth=pyr.depth + 2)
+
+    monkeypatch.setattr(Pyramid, "of", classmethod(deeper))
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), ref, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bpt", "multiscale"])
+def test_blocks_export_with_dynamic_height_and_width(name):
+    """One exported program (symbolic H, W as the ONNX exporter traces) for small and large maps."""
+    block = build(name, C).eval()
+    dims = {"x": {2: torch.export.Dim("h", min=1, max=256), 3: torch.export.Dim("w", min=1, max=256)}}
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        program = torch.export.export(block, (feature_map(2, C, 16, 20),), dynamic_shapes=dims, strict=False)
+    for hw in [(16, 20), (13, 9), (1, 1), (64, 80), (33, 7)]:
+        x = feature_map(2, C, *hw, seed=hw[0])
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), block(x), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("hw,r", [((9, 11), 1), ((16, 16), 1), ((13, 7), 2), ((33, 17), 2)])
 def test_levels_tile_the_map_exactly_once(hw, r):
     """Fine near, coarse far, no gap and no overlap: every pixel is in exactly one key of every query."""

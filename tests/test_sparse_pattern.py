@@ -19,9 +19,13 @@ from visattn.layers.sparse_pattern import (
     Pattern,
     Segment,
     block_segment,
+    ceil_div,
     column_segment,
+    crop_to_map,
     dense_mask,
     first_occurrence,
+    flat_meshgrid,
+    pad_to_grid,
     row_segment,
     segment_coords,
     shared_segment,
@@ -289,3 +293,68 @@ def test_block_saved_activations_at_64_and_128(name, bound):
     block = build(name, 64).train()
     mem = [saved_activation_bytes(block, feature_map(1, 64, s, s, requires_grad=True)) for s in (64, 128)]
     assert math.log(mem[1] / mem[0]) / math.log(4) <= bound
+
+
+# ------------------------------------------------------------------------- export-friendly helpers
+
+
+def test_first_occurrence_equals_a_stable_sort_without_one():
+    """The unique-key sort (ONNX has no stable sort) keeps exactly the first slot of every value >= 0."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(-1, 6, (50, 9), generator=g)
+    want = [[v >= 0 and v not in row[:i] for i, v in enumerate(row)] for row in ids.tolist()]
+    assert first_occurrence(ids).tolist() == want
+    assert first_occurrence(ids[:, :1]).tolist() == [[v >= 0] for v in ids[:, 0].tolist()]
+
+
+@pytest.mark.parametrize("sizes", [(3,), (2, 5), (1, 4, 3), (2, 1, 3, 2)])
+def test_flat_meshgrid_and_ceil_div(sizes):
+    ref = [t.reshape(-1) for t in torch.meshgrid(*(torch.arange(n) for n in sizes), indexing="ij")]
+    for a, b in zip(flat_meshgrid(*sizes), ref, strict=True):
+        assert torch.equal(a, b)
+    assert [ceil_div(a, b) for a in range(0, 20) for b in (1, 2, 3, 8)] == [
+        math.ceil(a / b) for a in range(0, 20) for b in (1, 2, 3, 8)
+    ]
+
+
+def test_pad_to_grid_and_crop_to_map_round_trip():
+    x = torch.randn(2, 3, 5, 7)
+    assert pad_to_grid(x, 5, 7) is x
+    xp = pad_to_grid(x, 8, 9)
+    assert xp.shape == (2, 3, 8, 9) and xp[..., 5:, :].abs().max() == 0 and xp[..., 7:].abs().max() == 0
+    tokens = rearrange(xp, "b c h w -> b (h w) c")
+    assert torch.equal(crop_to_map(tokens, Grid(8, 9, 5, 7), 5, 7), x)
+
+
+def test_a_query_listed_twice_gets_its_output_and_gradient_once():
+    """Big Bird's global patches repeat on maps of fewer patches than globals: the engine's scatter of tile
+    outputs must count a repeated query once, in the forward and in the backward pass."""
+    g = Grid(4, 4)
+    keys = torch.arange(16)[None].expand(3, -1)
+    once = Pattern(g, (Segment(torch.tensor([[0, 1], [8, 9]]), keys[:2]),))
+    twice = Pattern(g, (Segment(torch.tensor([[0, 1], [8, 9], [0, 1]]), keys),))
+    q, k, v = (t.requires_grad_() for t in _random_qkv(once))
+    a, b = sparse_attention(q, k, v, once, heads=2), sparse_attention(q, k, v, twice, heads=2)
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    w = torch.randn_like(a)
+    for ga, gb in zip(
+        torch.autograd.grad((a * w).sum(), (q, k, v)),
+        torch.autograd.grad((b * w).sum(), (q, k, v)),
+        strict=True,
+    ):
+        torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-6)
+    assert a[:, [2, 3, 4, 10]].abs().max() == 0  # positions no tile holds
+
+
+@pytest.mark.parametrize("name", ["diet", "longformer", "bigbird"])
+def test_blocks_export_with_dynamic_height_and_width(name):
+    """torch.export (as the ONNX exporter calls it) with symbolic H, W: one program for every map size,
+    including sizes with other tile counts than the example and maps smaller than one tile."""
+    block = build(name, 16).eval()
+    dims = {"x": {2: torch.export.Dim("h", min=1, max=512), 3: torch.export.Dim("w", min=1, max=512)}}
+    with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        program = torch.export.export(block, (feature_map(2, 16, 16, 20),), dynamic_shapes=dims, strict=False)
+    for hw in [(16, 20), (13, 9), (3, 2), (40, 17)]:
+        x = feature_map(2, 16, *hw, seed=hw[0])
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), block(x), atol=1e-5, rtol=1e-5)

@@ -13,16 +13,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..layers import (
-    AttnBlock,
-    factory_kwargs,
-    pad_to_multiple,
-    resolve_heads,
-    to_map,
-    to_tokens,
-    unpad,
+from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_tokens
+from ..layers.sparse_pattern import (
+    Grid,
+    Pattern,
+    Segment,
+    block_segment,
+    ceil_div,
+    crop_to_map,
+    first_occurrence,
+    flat_meshgrid,
+    pad_to_grid,
+    sparse_attention,
 )
-from ..layers.sparse_pattern import Grid, Pattern, Segment, block_segment, first_occurrence, sparse_attention
 from ..registry import register_attn
 
 
@@ -45,7 +48,6 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     native_2d=False,
     causal=True,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="block-sparse attention: 3x3 neighbouring patches + global patches + r fixed random patches",
     reference="https://github.com/google-research/bigbird",
 )
@@ -111,50 +113,52 @@ class BigBird(AttnBlock):
         The global patches' queries use the second pattern: it holds all keys, so it is their union.
         """
         p = self.block_size
-        nbh, nbw = -(-height // p), -(-width // p)
+        nbh, nbw = ceil_div(height, p), ceil_div(width, p)
         nb = nbh * nbw
         grid = Grid(nbh * p, nbw * p, height, width)
-        tile = torch.arange(nb, device=device)
-        tr, tc = tile // nbw, tile % nbw
+        # Index arithmetic only on tensors, never a Python branch on the sizes (exportable with dynamic H, W).
+        tr, tc = flat_meshgrid(nbh, nbw, device=device)
+        tile = tr * nbw + tc
         rad = self.window // 2
-        off = torch.arange(-rad, rad + 1, device=device)
-        wr = (tr[:, None, None] + off[None, :, None]).expand(-1, -1, off.numel()).reshape(nb, -1)
-        wc = (tc[:, None, None] + off[None, None, :]).expand(-1, off.numel(), -1).reshape(nb, -1)
+        orow, ocol = (o - rad for o in flat_meshgrid(self.window, self.window, device=device))
+        wr, wc = tr[:, None] + orow[None], tc[:, None] + ocol[None]
         window = torch.where((wr >= 0) & (wr < nbh) & (wc >= 0) & (wc < nbw), wr * nbw + wc, -1)
+        # The first ceil(g/2) and the last floor(g/2) patches, ascending; on maps of fewer than g patches
+        # they repeat (first_occurrence drops repeated keys; a repeated global query is computed twice).
         first = (self.num_global + 1) // 2
-        gids = sorted({i for i in range(first)} | {nb - 1 - i for i in range(self.num_global - first)})
-        gids = [i for i in gids if 0 <= i < nb]
-        glob = torch.tensor(gids, dtype=torch.long, device=device)
-        parts = [window, glob[None].expand(nb, -1)]
-        r = min(self.num_random, nb)
+        last = self.num_global - first
+        ar = lambda n: torch.arange(n, device=device)  # noqa: E731
+        glob = torch.cat([ar(first), ar(last) + (nb - last)]).clamp(0, nb - 1)
+        parts = [window, glob[None].expand(window.shape[0], -1)]
+        r = self.num_random
         if r:
-            cand = torch.arange(nb, device=device)
-            near = ((cand // nbw)[None] - tr[:, None]).abs().le(rad) & (
-                (cand % nbw)[None] - tc[:, None]
-            ).abs().le(rad)
-            allowed = ~near & ~(cand[:, None] == glob[None]).any(-1)[None]
+            near = ((tr[None] - tr[:, None]).abs() <= rad) & ((tc[None] - tc[:, None]).abs() <= rad)
+            allowed = ~near & ~(tile[:, None] == glob[None]).any(-1)[None]  # (query patch, candidate)
             if self.causal:
-                allowed = allowed & (cand[None] <= tile[:, None])
+                allowed = allowed & (tile[None] <= tile[:, None])
             key = self.rand_key.to(device)
-            score = _mix32(_mix32(tile[:, None] + key[0]) ^ (cand[None] + key[1]))
+            score = _mix32(_mix32(tile[:, None] + key[0]) ^ (tile[None] + key[1]))
             score = torch.where(allowed, score, score + 2**33)  # disallowed patches lose every draw
-            pick = score.topk(r, dim=1, largest=False).indices
+            # r never-allowed dummy candidates after the nb patches: topk(r) needs no min(r, nb).
+            allowed = torch.cat([allowed, allowed.new_zeros(allowed.shape[0], r)], dim=1)
+            score = torch.cat([score, score.new_full((score.shape[0], r), 2**35)], dim=1)
+            # Unique keys (score, candidate): ties go to the lower index in torch and onnxruntime alike.
+            n = score.shape[1]
+            pick = (score * n + ar(n)).topk(r, dim=1, largest=False).indices
             parts.append(torch.where(allowed.gather(1, pick), pick, -1))
         blocks = torch.cat(parts, dim=1)
         blocks = torch.where(first_occurrence(blocks), blocks, -1)
         sparse = Pattern(grid, (block_segment(grid, p, blocks),), self.causal)
-        if not gids:
+        if not self.num_global:
             return sparse, None
         queries = sparse.segments[0].queries[glob]
-        keys = torch.arange(grid.n, device=device)[None].expand(len(gids), -1)
+        keys = torch.arange(grid.n, device=device)[None].expand(self.num_global, -1)
         return sparse, Pattern(grid, (Segment(queries, keys),), self.causal)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         sparse, dense = self.patterns(h, w, x.device)
-        rows, cols = sparse.grid.rows, sparse.grid.cols
-        xp, pads = pad_to_multiple(x, self.block_size)
-        t = to_tokens(xp)
+        t = to_tokens(pad_to_grid(x, sparse.grid.rows, sparse.grid.cols))
         q = self.q(t)
         k, v = self.kv(t).chunk(2, dim=-1)
         out = sparse_attention(q, k, v, sparse, self.heads)
@@ -162,7 +166,7 @@ class BigBird(AttnBlock):
             is_global = torch.zeros(sparse.grid.n, dtype=torch.bool, device=x.device)
             is_global[dense.segments[0].queries.reshape(-1)] = True
             out = torch.where(is_global[:, None], sparse_attention(q, k, v, dense, self.heads), out)
-        return x + unpad(to_map(self.proj(out), rows, cols), pads)
+        return x + crop_to_map(self.proj(out), sparse.grid, h, w)
 
     def extra_repr(self) -> str:
         return (

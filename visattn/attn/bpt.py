@@ -14,18 +14,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from einops import rearrange
 
 from ..layers import (
     AttnBlock,
     factory_kwargs,
-    pad_to_multiple,
     resolve_heads,
-    to_map,
     to_tokens,
-    unpad,
 )
-from ..layers.sparse_pattern import PatternAttention
+from ..layers.sparse_pattern import PatternAttention, crop_to_map, pad_to_grid
 from ..layers.sparse_pyramid import (
     Pyramid,
     attend_with_bias,
@@ -48,7 +44,6 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="quadtree partition: each pixel attends k neighbouring cells at every level (fine near, coarse "
     "far); cells attend to their children",
     reference="https://github.com/yzh119/BPT",
@@ -108,12 +103,14 @@ class BPT(AttnBlock):
         state, valid = x, x.new_ones(1, 1, *x.shape[-2:])
         out = []
         for lv in range(1, depth):
-            child = rearrange(quad_children(state), "b (n d) h w c -> b n d h w c", n=self.heads)
-            valid = quad_children(valid)
+            # Broadcast products and sums, no einsum / permutes: on the 1 x 1 coarse levels of an exported
+            # graph those would check which symbolic sizes are 1 and pin them.
+            child = quad_children(state).unflatten(1, (self.heads, -1))  # (B, heads, d, h, w, 4)
+            valid = quad_children(valid)  # (1, 1, h, w, 4)
             query = self.up_query[min(lv, self.clip_levels) - 1]  # (heads, d)
-            score = torch.einsum("bndhwc,nd->bnhwc", child, query) * child.shape[2] ** -0.5
-            weight = score.masked_fill(valid[:, :1] == 0, float("-inf")).softmax(-1)
-            state = rearrange(torch.einsum("bnhwc,bndhwc->bndhw", weight, child), "b n d h w -> b (n d) h w")
+            score = (child * query[:, :, None, None, None]).sum(2) * child.shape[2] ** -0.5
+            weight = score.masked_fill(valid == 0, float("-inf")).softmax(-1)  # (B, heads, h, w, 4)
+            state = (weight[:, :, None] * child).sum(-1).flatten(1, 2)
             valid = valid.amax(-1)
             out.append(state)
         return out
@@ -124,8 +121,7 @@ class BPT(AttnBlock):
         pp = pyramid_pattern(pyr, causal=self.causal, device=x.device)
         grid = pp.pattern.grid
         extra = flatten_levels(self.cells(x, pyr.depth))
-        xp, pads = pad_to_multiple(x, (grid.rows, grid.cols))
-        t = to_tokens(xp)
+        t = to_tokens(pad_to_grid(x, grid.rows, grid.cols))
         context = t if extra is None else torch.cat([t, extra], dim=1)
         q = self.attn.q(t)
         k, v = self.attn.kv(context).chunk(2, dim=-1)
@@ -141,7 +137,7 @@ class BPT(AttnBlock):
                 relative_scores(q, self.rel_key, labels, pp.pattern.segments[0].queries, self.heads) * scale
             )
         out = self.attn.proj(attend_with_bias(q, k, v, pp.pattern, self.heads, bias))
-        return x + unpad(to_map(out, grid.rows, grid.cols), pads)
+        return x + crop_to_map(out, grid, h, w)
 
     def extra_repr(self) -> str:
         return (

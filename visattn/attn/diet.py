@@ -10,8 +10,17 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import AttnBlock, pad_to_multiple, resolve_heads, to_map, to_tokens, unpad
-from ..layers.sparse_pattern import Grid, Pattern, PatternAttention, window_segment, window_tile
+from ..layers import AttnBlock, resolve_heads, to_tokens
+from ..layers.sparse_pattern import (
+    Grid,
+    Pattern,
+    PatternAttention,
+    ceil_div,
+    crop_to_map,
+    pad_to_grid,
+    window_segment,
+    window_tile,
+)
 from ..registry import register_attn
 
 
@@ -26,7 +35,6 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="dilated k x k neighbourhood attention (dilation 2^l in layer l), never a dense score matrix",
     reference="https://github.com/cgraywang/transformer-on-diet",
 )
@@ -68,8 +76,8 @@ class Diet(AttnBlock):
     def pattern(self, height: int, width: int, device=None) -> Pattern:
         """The key sets for an ``height x width`` map, on the padded grid :meth:`forward` uses."""
         tile = window_tile(self.kernel_size, height, width, self.dilation)
-        rows = -(-height // (tile[0] * self.dilation)) * tile[0] * self.dilation
-        cols = -(-width // (tile[1] * self.dilation)) * tile[1] * self.dilation
+        rows = ceil_div(height, tile[0] * self.dilation) * tile[0] * self.dilation
+        cols = ceil_div(width, tile[1] * self.dilation) * tile[1] * self.dilation
         grid = Grid(rows, cols, height, width)
         seg = window_segment(
             grid, self.kernel_size, self.dilation, tile=tile, causal=self.causal, device=device
@@ -79,9 +87,9 @@ class Diet(AttnBlock):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         pattern = self.pattern(h, w, x.device)
-        xp, pads = pad_to_multiple(x, (pattern.grid.rows, pattern.grid.cols))
+        xp = pad_to_grid(x, pattern.grid.rows, pattern.grid.cols)
         out = self.attn(to_tokens(xp), pattern)
-        return x + unpad(to_map(out, pattern.grid.rows, pattern.grid.cols), pads)
+        return x + crop_to_map(out, pattern.grid, h, w)
 
     def extra_repr(self) -> str:
         return (

@@ -19,16 +19,17 @@ from ..layers import (
     AttnBlock,
     factory_kwargs,
     merge_heads,
-    pad_to_multiple,
     resolve_heads,
     split_heads,
-    to_map,
     to_tokens,
-    unpad,
 )
 from ..layers.sparse_pattern import (
     Grid,
     Pattern,
+    ceil_div,
+    crop_to_map,
+    flat_meshgrid,
+    pad_to_grid,
     segment_coords,
     window_segment,
     window_tile,
@@ -49,7 +50,6 @@ from ..registry import register_attn
     native_2d=False,
     causal=False,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="global-local attention: one global token per P x P patch (g2g, g2l, l2g full) + l2l local window, "
     "relative positions",
     reference="none",
@@ -117,20 +117,21 @@ class ETC(AttnBlock):
         return (dy.clamp(-k, k) + k) * (2 * k + 1) + dx.clamp(-k, k) + k
 
     def patches(self, height: int, width: int) -> tuple[int, int]:
-        return -(-height // self.patch_size), -(-width // self.patch_size)
+        return ceil_div(height, self.patch_size), ceil_div(width, self.patch_size)
 
     def pattern(self, height: int, width: int, device=None) -> tuple[Pattern, torch.Tensor | None]:
         """(l2l window (+ all globals as extra keys) on the padded grid, (T, Q, g) bool "the global of the
         query's own patch" for the l2g slots, or None without globals)."""
         size = 2 * self.local_radius + 1
         tile = window_tile(size, height, width)
-        grid = Grid(-(-height // tile[0]) * tile[0], -(-width // tile[1]) * tile[1], height, width)
+        grid = Grid(ceil_div(height, tile[0]) * tile[0], ceil_div(width, tile[1]) * tile[1], height, width)
         seg = window_segment(grid, size, tile=tile, device=device)
         if not self.use_global:
             return Pattern(grid, (seg,)), None
         gh, gw = self.patches(height, width)
         seg = with_shared_keys(seg, torch.arange(grid.n, grid.n + gh * gw, device=device))
-        qr, qc = seg.queries // grid.cols, seg.queries % grid.cols
+        qr = seg.queries.div(grid.cols, rounding_mode="floor")
+        qc = seg.queries - qr * grid.cols
         patch = (qr // self.patch_size).clamp(max=gh - 1) * gw + (qc // self.patch_size).clamp(max=gw - 1)
         own = patch[:, :, None] == torch.arange(gh * gw, device=device)
         return Pattern(grid, (seg,), extra=gh * gw), own
@@ -150,18 +151,19 @@ class ETC(AttnBlock):
         """((g, g) g2g labels (clipped patch offsets), (g, H*W) bool g2l "pixel in the global's patch")."""
         gh, gw = self.patches(height, width)
         ar = lambda n: torch.arange(n, device=device)  # noqa: E731
-        gy, gx = (t.reshape(-1) for t in torch.meshgrid(ar(gh), ar(gw), indexing="ij"))
+        gy, gx = flat_meshgrid(gh, gw, device=device)
         g2g = self._offset_label(gy[None, :] - gy[:, None], gx[None, :] - gx[:, None])
-        py, px = (t.reshape(-1) for t in torch.meshgrid(ar(height), ar(width), indexing="ij"))
+        py, px = flat_meshgrid(height, width, device=device)
         own = (py // self.patch_size) * gw + px // self.patch_size
         return g2g, own[None, :] == ar(gh * gw)[:, None]
 
     def global_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """Globals after g2g + g2l: patch means + global embedding, then attention over [globals; pixels]."""
         b, c, h, w = x.shape
-        xp, _ = pad_to_multiple(x, self.patch_size)
-        ones, _ = pad_to_multiple(x.new_ones(1, 1, h, w), self.patch_size)
         p = self.patch_size
+        gh, gw = self.patches(h, w)
+        xp = pad_to_grid(x, gh * p, gw * p)
+        ones = pad_to_grid(x.new_ones(1, 1, h, w), gh * p, gw * p)
         mean = F.avg_pool2d(xp, p) / F.avg_pool2d(ones, p)  # mean over the real pixels of each patch
         g0 = to_tokens(mean) + self.global_embed
         t = to_tokens(x)
@@ -185,8 +187,7 @@ class ETC(AttnBlock):
         h, w = x.shape[-2:]
         pattern, own = self.pattern(h, w, x.device)
         grid = pattern.grid
-        xp, pads = pad_to_multiple(x, (grid.rows, grid.cols))
-        t = to_tokens(xp)
+        t = to_tokens(pad_to_grid(x, grid.rows, grid.cols))
         context = torch.cat([t, self.global_tokens(x)], dim=1) if self.use_global else t
         q = self.q(t)
         k, v = self.kv(context).chunk(2, dim=-1)
@@ -205,7 +206,7 @@ class ETC(AttnBlock):
             bias = torch.cat([bias, other + (qa[..., 1:] - other) * own[:, None, None]], dim=-1)
         bias = rearrange(bias, "t b h q k -> t (b h) q k") * (self.channels // heads) ** -0.5
         out = self.proj(attend_with_bias(q, k, v, pattern, self.heads, bias))
-        return x + unpad(to_map(out, grid.rows, grid.cols), pads)
+        return x + crop_to_map(out, grid, h, w)
 
     def extra_repr(self) -> str:
         return (

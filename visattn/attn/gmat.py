@@ -17,16 +17,16 @@ from ..layers import (
     AttnBlock,
     factory_kwargs,
     multihead_sdpa,
-    pad_to_multiple,
     resolve_heads,
-    to_map,
     to_tokens,
-    unpad,
 )
 from ..layers.sparse_pattern import (
     Grid,
     Pattern,
     PatternAttention,
+    ceil_div,
+    crop_to_map,
+    pad_to_grid,
     window_segment,
     window_tile,
     with_shared_keys,
@@ -45,7 +45,6 @@ from ..registry import register_attn
     native_2d=False,
     causal=False,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="M learned global memory tokens read and written densely + a k x k local window for the pixels",
     reference="https://github.com/ag1988/gmat",
 )
@@ -87,7 +86,7 @@ class GMAT(AttnBlock):
     def pattern(self, height: int, width: int, device=None) -> Pattern:
         """Window + the memory as extra keys, on the grid padded to the window tiles."""
         tile = window_tile(self.kernel_size, height, width)
-        grid = Grid(-(-height // tile[0]) * tile[0], -(-width // tile[1]) * tile[1], height, width)
+        grid = Grid(ceil_div(height, tile[0]) * tile[0], ceil_div(width, tile[1]) * tile[1], height, width)
         seg = window_segment(grid, self.kernel_size, tile=tile, device=device)
         if self.num_memory:
             seg = with_shared_keys(seg, torch.arange(grid.n, grid.n + self.num_memory, device=device))
@@ -105,9 +104,9 @@ class GMAT(AttnBlock):
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         pattern = self.pattern(*x.shape[-2:], device=x.device)
         memory = self.write_memory(x) if self.num_memory else None
-        xp, pads = pad_to_multiple(x, (pattern.grid.rows, pattern.grid.cols))
+        xp = pad_to_grid(x, pattern.grid.rows, pattern.grid.cols)
         out = self.attn(to_tokens(xp), pattern, memory)
-        return x + unpad(to_map(out, pattern.grid.rows, pattern.grid.cols), pads)
+        return x + crop_to_map(out, pattern.grid, *x.shape[-2:])
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, num_memory={self.num_memory}, kernel_size={self.kernel_size}"

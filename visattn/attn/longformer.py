@@ -16,16 +16,16 @@ from ..layers import (
     AttnBlock,
     factory_kwargs,
     multihead_sdpa,
-    pad_to_multiple,
     resolve_heads,
-    to_map,
     to_tokens,
-    unpad,
 )
 from ..layers.sparse_pattern import (
     Grid,
     Pattern,
     PatternAttention,
+    ceil_div,
+    crop_to_map,
+    pad_to_grid,
     window_segment,
     window_tile,
     with_shared_keys,
@@ -44,7 +44,6 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
-    exportable=False,  # measured: see docs/support.md
     idea="k x k sliding-window attention (optionally dilated) + learned global tokens with own projections",
     reference="https://github.com/allenai/longformer",
 )
@@ -98,8 +97,8 @@ class Longformer(AttnBlock):
     def pattern(self, height: int, width: int, device=None) -> Pattern:
         """Window (+ global tokens as extra keys) for an ``height x width`` map, on the padded grid."""
         tile = window_tile(self.kernel_size, height, width, self.dilation)
-        rows = -(-height // (tile[0] * self.dilation)) * tile[0] * self.dilation
-        cols = -(-width // (tile[1] * self.dilation)) * tile[1] * self.dilation
+        rows = ceil_div(height, tile[0] * self.dilation) * tile[0] * self.dilation
+        cols = ceil_div(width, tile[1] * self.dilation) * tile[1] * self.dilation
         grid = Grid(rows, cols, height, width)
         seg = window_segment(
             grid, self.kernel_size, self.dilation, tile=tile, causal=self.causal, device=device
@@ -117,9 +116,9 @@ class Longformer(AttnBlock):
             k, v = self.kv_g(torch.cat([to_tokens(x), g], dim=1)).chunk(2, dim=-1)
             q = self.q_g(self.global_tokens).expand(b, -1, -1)
             extra = self.global_tokens + self.proj_g(multihead_sdpa(q, k, v, self.heads))
-        xp, pads = pad_to_multiple(x, (pattern.grid.rows, pattern.grid.cols))
+        xp = pad_to_grid(x, pattern.grid.rows, pattern.grid.cols)
         out = self.attn(to_tokens(xp), pattern, extra)
-        return x + unpad(to_map(out, pattern.grid.rows, pattern.grid.cols), pads)
+        return x + crop_to_map(out, pattern.grid, *x.shape[-2:])
 
     def extra_repr(self) -> str:
         return (

@@ -14,13 +14,10 @@ import torch
 from ..layers import (
     AttnBlock,
     factory_kwargs,
-    pad_to_multiple,
     resolve_heads,
-    to_map,
     to_tokens,
-    unpad,
 )
-from ..layers.sparse_pattern import PatternAttention
+from ..layers.sparse_pattern import PatternAttention, crop_to_map, pad_to_grid
 from ..layers.sparse_pyramid import Pyramid, flatten_levels, pyramid_means, pyramid_pattern
 from ..registry import register_attn
 
@@ -36,7 +33,6 @@ from ..registry import register_attn
     native_2d=False,
     causal=True,
     identity_init=True,
-    export_dynamic_hw=False,  # measured: ONNX fixes H and W, see docs/support.md
     idea="retina attention: fine local window + progressively average-pooled coarse tokens for far context",
     reference="none",
 )
@@ -82,9 +78,8 @@ class MultiScale(AttnBlock):
         grid = pattern.grid
         # Pooling is linear, so k/v of a pooled token are the pooled k/v of its pixels.
         extra = flatten_levels(pyramid_means(x, pyr.depth))
-        xp, pads = pad_to_multiple(x, (grid.rows, grid.cols))
-        out = self.attn(to_tokens(xp), pattern, extra)
-        return x + unpad(to_map(out, grid.rows, grid.cols), pads)
+        out = self.attn(to_tokens(pad_to_grid(x, grid.rows, grid.cols)), pattern, extra)
+        return x + crop_to_map(out, grid, h, w)
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, radius={self.radius}, levels={self.levels}, causal={self.causal}"

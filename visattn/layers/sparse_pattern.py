@@ -51,12 +51,21 @@ Example
 A 7 x 7 window plus two extra (global) tokens on an ``h x w`` map, as Longformer builds it::
 
     tile = window_tile(7, h, w)
-    rows, cols = -(-h // tile[0]) * tile[0], -(-w // tile[1]) * tile[1]   # pad the map to this
+    rows, cols = ceil_div(h, tile[0]) * tile[0], ceil_div(w, tile[1]) * tile[1]   # pad the map to this
     grid = Grid(rows, cols, height=h, width=w)
     seg = window_segment(grid, 7, tile=tile, causal=causal, device=x.device)
     seg = with_shared_keys(seg, torch.arange(grid.n, grid.n + 2, device=x.device))
     pattern = Pattern(grid, (seg,), causal, extra=2)
     out = attn(tokens, pattern, extra=global_tokens)   # attn = PatternAttention(C, heads)
+
+Export
+------
+Builders and blocks take the map size from ``x.shape``; under ``torch.export`` with dynamic H, W these
+are symbolic, and every Python branch on them (``min``, ``if``, ``int()``, a view whose strides depend on
+whether a size is 1) becomes a guard that pins the exported graph to one size. So the builders use index
+arithmetic on flat aranges (:func:`flat_meshgrid`), :func:`ceil_div`, :func:`pad_to_grid` /
+:func:`crop_to_map`, and, when :func:`symbolic_sizes`, size-independent plans (a fixed tile) with the same
+key sets.
 
 Patterns these builders do not cover (keys on a pooled grid, per-level cells) are plain :class:`Segment`
 tuples: compute ``queries``/``keys``/``member`` from coordinates (keys of pooled cells live in the extra
@@ -76,6 +85,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .block import factory_kwargs
 
@@ -85,14 +95,19 @@ __all__ = [
     "Pattern",
     "PatternAttention",
     "block_segment",
+    "ceil_div",
     "column_segment",
+    "crop_to_map",
     "dense_mask",
     "first_occurrence",
+    "flat_meshgrid",
+    "pad_to_grid",
     "row_segment",
     "segment_coords",
     "segment_masks",
     "shared_segment",
     "sparse_attention",
+    "symbolic_sizes",
     "window_segment",
     "window_tile",
     "with_shared_keys",
@@ -178,11 +193,71 @@ def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
 
     Use it to drop repeated keys from a tile's key list (e.g. a random block that is also a window block).
     """
-    ordered, order = ids.sort(dim=-1, stable=True)
-    first = torch.ones_like(ordered, dtype=torch.bool)
-    first[..., 1:] = ordered[..., 1:] != ordered[..., :-1]
-    keep = torch.empty_like(first).scatter_(-1, order, first)
+    k = ids.shape[-1]
+    # Unique keys (value, slot) sort like a stable sort of the values, with a plain sort (ONNX has no
+    # stable sort); ``// k`` recovers the values (also the -1 of empty slots: slot < k).
+    ordered, order = (ids * k + torch.arange(k, device=ids.device)).sort(dim=-1)
+    ordered = ordered.div(k, rounding_mode="floor")
+    first = torch.cat(
+        [torch.ones_like(ordered[..., :1], dtype=torch.bool), ordered[..., 1:] != ordered[..., :-1]], -1
+    )
+    keep = torch.zeros_like(first).scatter(-1, order, first)
     return keep & (ids >= 0)
+
+
+def ceil_div(a, b: int):
+    """``ceil(a / b)`` for sizes ``a >= 0``, ``b >= 1``, as ``(a + b - 1) // b``: the exporter writes
+    ``-(-a // b)`` on a symbolic size as an ONNX Div, which truncates instead of flooring negatives."""
+    return (a + b - 1) // b
+
+
+def symbolic_sizes(*sizes) -> bool:
+    """True while ``torch.export`` traces with symbolic (dynamic) sizes.
+
+    A Python branch on a symbolic size becomes a guard that pins the exported graph to a range of sizes
+    (or one size), so the builders then pick size-independent plans (a fixed tile, a fixed pyramid depth)
+    that give the same key sets; eager, ``torch.compile`` and static export keep the size-tuned plans.
+    """
+    return torch.compiler.is_exporting() and any(isinstance(s, torch.SymInt) for s in sizes)
+
+
+def flat_meshgrid(*sizes, device=None) -> list[torch.Tensor]:
+    """``[t.reshape(-1) for t in torch.meshgrid(*map(torch.arange, sizes), indexing="ij")]``, by div/mod
+    of one arange: meshgrid's broadcasting checks would pin symbolic (exported) sizes."""
+    total = 1
+    for n in sizes:
+        total = total * n
+    i = torch.arange(total, device=device)
+    out = []
+    for n in reversed(sizes[1:]):
+        q = i.div(n, rounding_mode="floor")
+        out.append(i - q * n)  # not ``i % n``: the ONNX converter has no remainder by a symbolic size
+        i = q
+    return [i, *reversed(out)]
+
+
+def pad_to_grid(x: torch.Tensor, rows, cols) -> torch.Tensor:
+    """Zero-pad a (B, C, h, w) map at the bottom/right to ``rows x cols`` (undo with :func:`crop_to_map`).
+
+    Unlike :func:`visattn.layers.pad_to_multiple` it never branches on (or converts to int) a size, so
+    exported graphs keep H and W dynamic.
+    """
+    ph, pw = rows - x.shape[-2], cols - x.shape[-1]
+    if statically_known_true(ph == 0) and statically_known_true(pw == 0):
+        return x
+    return F.pad(x, (0, pw, 0, ph))
+
+
+def crop_to_map(t: torch.Tensor, grid: Grid, height, width) -> torch.Tensor:
+    """(B, rows * cols, C) tokens of a padded grid -> (B, C, height, width), the map's real pixels.
+
+    Under a dynamic-shape export the crop is a gather of the real pixels (a slice would need the guard
+    ``height <= rows``, which the exporter cannot prove for ceil-rounded sizes).
+    """
+    if not symbolic_sizes(height, width):
+        return rearrange(t, "b (h w) c -> b c h w", h=grid.rows)[..., :height, :width]
+    r, c = flat_meshgrid(height, width, device=t.device)
+    return rearrange(t.index_select(1, r * grid.cols + c), "b (h w) c -> b c h w", h=height)
 
 
 def window_tile(
@@ -196,11 +271,14 @@ def window_tile(
     """A default query tile (th, tw) for :func:`window_segment` on an ``height x width`` map.
 
     ``tile`` x ``tile`` queries (8 x 8 measured best on CPU for k = 3 .. 15: each tile gathers a halo of
-    (8 + k - 1)^2 keys), clipped to the map's extent per dilation phase so small maps are not padded far out.
+    (8 + k - 1)^2 keys), clipped to the map's extent per dilation phase so small maps are not padded far out
+    (not under a dynamic-shape export, :func:`symbolic_sizes`: the padding is masked, the keys are the same).
     ``size`` is accepted for callers that tune the tile to the window.
     """
     dh, dw = _pair(dilation)
-    return min(tile, -(-height // dh)), min(tile, -(-width // dw))
+    if symbolic_sizes(height, width):  # a fixed tile: min() would pin the exported sizes
+        return tile, tile
+    return min(tile, ceil_div(height, dh)), min(tile, ceil_div(width, dw))
 
 
 def window_segment(
@@ -234,21 +312,19 @@ def window_segment(
         )
     rh, rw = kh // 2, kw // 2
     ph, pw = grid.rows // dh, grid.cols // dw
-    ar = lambda n, start=0: torch.arange(start, n, device=device)  # noqa: E731
-    a, b, tr, tc = (
-        t.reshape(-1, 1) for t in torch.meshgrid(ar(dh), ar(dw), ar(ph // th), ar(pw // tw), indexing="ij")
-    )
-    u, v = (t.reshape(1, -1) for t in torch.meshgrid(ar(th), ar(tw), indexing="ij"))
-    q_u, q_v = tr * th + u, tc * tw + v
-    queries = (q_u * dh + a) * grid.cols + q_v * dw + b
-    hu, hv = (
-        t.reshape(1, -1)
-        for t in torch.meshgrid(ar(th + (0 if causal else rh), -rh), ar(tw + rw, -rw), indexing="ij")
-    )
-    k_u, k_v = tr * th + hu, tc * tw + hv
+    # Tile-major flat index arithmetic without broadcasting between symbolic sizes (exportable).
+    up = 0 if causal else rh  # halo rows below the tile
+    a, b, tr, tc, u, v = flat_meshgrid(dh, dw, ph // th, pw // tw, th, tw, device=device)
+    queries = (((tr * th + u) * dh + a) * grid.cols + (tc * tw + v) * dw + b).reshape(-1, th * tw)
+    a, b, tr, tc, hu, hv = flat_meshgrid(dh, dw, ph // th, pw // tw, th + up + rh, tw + 2 * rw, device=device)
+    k_u, k_v = tr * th + hu - rh, tc * tw + hv - rw
     inside = (k_u >= 0) & (k_u < ph) & (k_v >= 0) & (k_v < pw)
-    keys = torch.where(inside, (k_u * dh + a) * grid.cols + k_v * dw + b, -1)
-    member = ((hu[:, None, :] - u[0, :, None]).abs() <= rh) & ((hv[:, None, :] - v[0, :, None]).abs() <= rw)
+    keys = torch.where(inside, (k_u * dh + a) * grid.cols + k_v * dw + b, -1).reshape(queries.shape[0], -1)
+    u, v = flat_meshgrid(th, tw, device=device)
+    hu, hv = flat_meshgrid(th + up + rh, tw + 2 * rw, device=device)
+    member = ((hu[None, None, :] - rh - u[None, :, None]).abs() <= rh) & (
+        (hv[None, None, :] - rw - v[None, :, None]).abs() <= rw
+    )
     return Segment(queries, keys, member)
 
 
@@ -307,13 +383,8 @@ def block_segment(grid: Grid, block: int | tuple[int, int], key_blocks: torch.Te
     if grid.rows % bh or grid.cols % bw:
         raise ValueError(f"block_segment: grid {grid.rows}x{grid.cols} is not a multiple of block {(bh, bw)}")
     device = key_blocks.device
-    pix = rearrange(
-        torch.arange(grid.n, device=device),
-        "(nh bh nw bw) -> (nh nw) (bh bw)",
-        bh=bh,
-        bw=bw,
-        nw=grid.cols // bw,
-    )
+    tr, tc, u, v = flat_meshgrid(grid.rows // bh, grid.cols // bw, bh, bw, device=device)
+    pix = ((tr * bh + u) * grid.cols + tc * bw + v).reshape(-1, bh * bw)
     keys = torch.where(key_blocks[..., None] >= 0, pix[key_blocks.clamp_min(0)], -1).flatten(1)
     return Segment(pix, keys)
 
@@ -461,10 +532,20 @@ def _attend_one(qt, kt, vt, seg, mask, scale, bias, batch, heads):
     o = F.scaled_dot_product_attention(
         _gather(qt, seg.queries), _gather(kt, keys), _gather(vt, keys), attn_mask=attn_mask, scale=scale
     )
+    if torch.compiler.is_exporting():
+        # The traced reshape below must not depend on SDPA's output strides (the fused CPU kernel returns
+        # a (T, Q, BH, d) layout, its decomposition for ONNX a contiguous one): make them canonical.
+        o = o.clone(memory_format=torch.contiguous_format)
     o = (o * nonempty[:, None].to(o.dtype)).transpose(1, 2).reshape(t * q, *o.shape[1:2], o.shape[-1])
     if seg.in_order:
         return o
-    return o.new_zeros(qt.shape).index_copy(0, seg.queries.reshape(-1), o)
+    # Gather each grid position's slot (slot T*Q: a zero row for positions no tile holds), not index_copy:
+    # a query listed by two tiles (Big Bird's global patches on a map of fewer patches than globals) then
+    # gets its output, and its gradient, once.
+    flat = seg.queries.reshape(-1)
+    slot = torch.full((qt.shape[0],), flat.shape[0], dtype=flat.dtype, device=flat.device)
+    slot = slot.scatter(0, flat, torch.arange(flat.shape[0], device=flat.device))
+    return torch.cat([o, o.new_zeros(1, *o.shape[1:])]).index_select(0, slot)
 
 
 def _attend_joint(qt, kt, vt, segments, masks, scale, bias, batch, heads):

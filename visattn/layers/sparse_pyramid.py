@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .sparse_pattern import Grid, Pattern, Segment, sparse_attention
+from .sparse_pattern import Grid, Pattern, Segment, ceil_div, flat_meshgrid, sparse_attention, symbolic_sizes
 
 __all__ = [
     "Pyramid",
@@ -52,6 +52,26 @@ __all__ = [
     "quad_children",
     "relative_scores",
 ]
+
+
+_EXPORT_MAX_SIDE = 4096
+
+
+def _full_depth(height: int, width: int, radius: int) -> int:
+    depth = 1
+    while ceil_div(height, 2**depth) > radius + 1 or ceil_div(width, 2**depth) > radius + 1:
+        depth += 1
+    return depth
+
+
+def _export_bound(n) -> int:
+    """The largest value of a symbolic size in the export's range (if unbounded: ``_EXPORT_MAX_SIDE``,
+    checked at run time)."""
+    try:
+        return int(n.node.shape_env.bound_sympy(n.node.expr).upper)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        torch._check(n <= _EXPORT_MAX_SIDE, lambda: f"pyramid: export supports sides <= {_EXPORT_MAX_SIDE}")
+        return _EXPORT_MAX_SIDE
 
 
 def _pow2_tile(n: int, cap: int = 8) -> int:
@@ -74,16 +94,27 @@ class Pyramid(NamedTuple):
 
     @classmethod
     def of(cls, height: int, width: int, radius: int, levels: int | None = None) -> Pyramid:
-        """The full pyramid (``levels=None``: up to where ``N_L`` covers the map), or its first ``levels``."""
-        depth = 1
-        while -(-height // 2**depth) > radius + 1 or -(-width // 2**depth) > radius + 1:
-            depth += 1
+        """The full pyramid (``levels=None``: up to where ``N_L`` covers the map), or its first ``levels``.
+
+        Under a dynamic-shape export (:func:`~visattn.layers.sparse_pattern.symbolic_sizes`) the depth is
+        that of the largest map the export admits: the levels a smaller map does not need have empty rings
+        (its own coarsest level is already one neighbourhood), so the key sets are the same.
+        """
+        if symbolic_sizes(height, width):
+            depth = _full_depth(_export_bound(height), _export_bound(width), radius)
+        else:
+            depth = _full_depth(height, width, radius)
         return cls(height, width, radius, depth if levels is None else max(1, min(depth, levels)))
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
-        """(rows, cols) of the cell grid of each level 1 .. depth - 1."""
-        return [(-(-self.height // 2**lv), -(-self.width // 2**lv)) for lv in range(1, self.depth)]
+        """(rows, cols) of the cell grid of each level 1 .. depth - 1: ``ceil(h / 2^l) x ceil(w / 2^l)``,
+        halved level by level as :func:`quad_children` does (the same sizes, also symbolically)."""
+        out, rows, cols = [], self.height, self.width
+        for _ in range(1, self.depth):
+            rows, cols = ceil_div(rows, 2), ceil_div(cols, 2)
+            out.append((rows, cols))
+        return out
 
     @property
     def offsets(self) -> list[int]:
@@ -100,6 +131,8 @@ class Pyramid(NamedTuple):
 
     @property
     def tile(self) -> tuple[int, int]:
+        if symbolic_sizes(self.height, self.width):
+            return 8, 8  # _pow2_tile's cap: its loop would pin the exported sizes
         return _pow2_tile(self.height), _pow2_tile(self.width)
 
     def last_pixel(self, cols: int, device=None) -> torch.Tensor:
@@ -131,10 +164,10 @@ def pyramid_pattern(pyr: Pyramid, *, causal: bool = False, device=None) -> Pyram
     """
     h, w, r = pyr.height, pyr.width, pyr.radius
     th, tw = pyr.tile
-    rows, cols = -(-h // th) * th, -(-w // tw) * tw
+    rows, cols = ceil_div(h, th) * th, ceil_div(w, tw) * tw
     grid = Grid(rows, cols, h, w)
     ar = lambda n: torch.arange(n, device=device)  # noqa: E731
-    tr, tc = (t.reshape(-1, 1) for t in torch.meshgrid(ar(rows // th), ar(cols // tw), indexing="ij"))
+    tr, tc = (t.reshape(-1, 1) for t in flat_meshgrid(rows // th, cols // tw, device=device))
     u, v = (t.reshape(1, -1) for t in torch.meshgrid(ar(th), ar(tw), indexing="ij"))
     qy, qx = tr * th + u, tc * tw + v  # (T, Q)
     keys, members, offsets = [], [], []
@@ -168,8 +201,13 @@ def pyramid_pattern(pyr: Pyramid, *, causal: bool = False, device=None) -> Pyram
 def quad_children(t: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) -> (B, C, ceil(h/2), ceil(w/2), 4): the four children of every parent cell (row-major),
     zero where a child lies outside the map."""
-    t = F.pad(t, (0, t.shape[-1] % 2, 0, t.shape[-2] % 2))
-    return rearrange(t, "b c (h i) (w j) -> b c h w (i j)", i=2, j=2)
+    h, w = t.shape[-2:]
+    ph, pw = ceil_div(h, 2), ceil_div(w, 2)
+    t = F.pad(t, (0, 2 * pw - w, 0, 2 * ph - h)).flatten(-2)
+    # A gather in (cell, child) order, not a rearrange: strided views of symbolic sizes make the exporter
+    # check which sizes are 1, which pins them (the coarse levels of the example input are 1 x 1).
+    r, c, i, j = flat_meshgrid(ph, pw, 2, 2, device=t.device)
+    return t.index_select(-1, (2 * r + i) * (2 * pw) + 2 * c + j).unflatten(-1, (ph, pw, 4))
 
 
 def pyramid_means(x: torch.Tensor, depth: int) -> list[torch.Tensor]:
@@ -186,7 +224,9 @@ def flatten_levels(maps: list[torch.Tensor]) -> torch.Tensor | None:
     """Level maps (B, C, h_l, w_l) -> extra tokens (B, sum h_l w_l, C) in :class:`Pyramid` order, or None."""
     if not maps:
         return None
-    return torch.cat([rearrange(m, "b c h w -> b (h w) c") for m in maps], dim=1)
+    # Concatenate, then transpose once: transposing the (often 1 x 1) coarse levels one by one makes the
+    # exporter check which of their sizes are 1, which pins them.
+    return torch.cat([m.flatten(2) for m in maps], dim=2).transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------- relative keys
