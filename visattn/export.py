@@ -7,6 +7,7 @@ support matrix is measured, never written by hand.
 from __future__ import annotations
 
 import io
+import re
 import tempfile
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
@@ -116,7 +117,8 @@ def _perturbed(name: str, channels: int) -> torch.nn.Module:
 
 
 def _first_line(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))  # the exporter colours its messages
+    return f"{type(err).__name__}: {text.splitlines()[0][:80] if text else ''}"
 
 
 def _onnx_check(block, x, x2, tmp: Path, notes: list[str]) -> tuple[bool, float | None, bool]:
