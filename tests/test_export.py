@@ -14,7 +14,8 @@ from visattn import cli, export
 pytest.importorskip("onnxruntime")
 
 EXPORTABLE = [n for n in visattn.list_attns() if visattn.attn_info(n).exportable]
-REPRESENTATIVE = ["axial", "ccnet", "cbam", "gcnet", "nonlocal"]
+# Covers dense, criss-cross, gating, the sparse-pattern engine (dynamic) and a fixed-size export (reformer).
+REPRESENTATIVE = ["axial", "ccnet", "cbam", "gcnet", "nonlocal", "longformer", "reformer"]
 
 
 def _params(names):
