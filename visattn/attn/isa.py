@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import ConvNormAct, make_divisible
 
-from ..layers import AttnBlock, factory_kwargs, multihead_sdpa, unpad
+from ..layers import AttnBlock, ceil_div, factory_kwargs, multihead_sdpa, unpad
 from ..registry import register_attn
 
 __all__ = ["ISA", "ISASelfAttention"]
@@ -68,7 +68,7 @@ def _group_count(size: int, group: int) -> int:
     otherwise specialise the derived count to the example's (it is > 1 there, and contiguity and
     broadcast checks guard on "!= 1"), and the graph would not serve maps of one group."""
     if not torch.compiler.is_exporting():
-        return (size + group - 1) // group
+        return ceil_div(size, group)
     count = ((torch.full((), size) + group - 1) // group).item()
     torch._check(count >= 1)
     torch._check(count * group >= size)

@@ -17,6 +17,7 @@ from einops import rearrange
 from ..layers import (
     AttnBlock,
     ConvPosEnc,
+    ceil_div,
     factory_kwargs,
     multihead_sdpa,
     resolve_heads,
@@ -111,7 +112,7 @@ class MemoryCompressedAttention(AttnBlock):
         q = self.q(tokens)
         s = self.compression
         # Always padded (possibly by 0) at the bottom/right: no shape test, so exported graphs stay dynamic.
-        padded = F.pad(feat, (0, (w + s - 1) // s * s - w, 0, (h + s - 1) // s * s - h))
+        padded = F.pad(feat, (0, ceil_div(w, s) * s - w, 0, ceil_div(h, s) * s - h))
         k, v = to_tokens(self.kv(padded)).chunk(2, dim=-1)  # (B, M, C) each
         if self.causal:
             out = self._causal_attention(q, k, v, tokens, h, w)

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers import AttnBlock, ceil_div, default_heads, factory_kwargs, to_map, to_tokens
 from ..layers.clustering import centroid_scores, commitment_loss, ema_update_, scatter_mean, topw_members
 from ..layers.hashing import gather_tokens, resolve_seed, seeded_normal
 from ..registry import register_attn
@@ -213,7 +213,7 @@ class Routing(AttnBlock):
     def _routed(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, h, n, d = q.shape
         nc = self.num_clusters
-        w = (n + nc - 1) // nc  # not -(-n // nc): ONNX integer Div truncates, Python floors
+        w = ceil_div(n, nc)
         q = F.layer_norm(q, (d,))
         k = q if self.shared_qk else F.layer_norm(k, (d,))
         qu = F.normalize(q, dim=-1)
@@ -260,7 +260,7 @@ class Routing(AttnBlock):
         p = torch.sym_min(self.local_window, torch.sym_max(height, width))
         b, h, n, d = q.shape
         qkv = rearrange(torch.cat([q, k, v], dim=1), "b h (y x) d -> b (h d) y x", y=height)
-        hp, wp = (height + p - 1) // p * p, (width + p - 1) // p * p
+        hp, wp = ceil_div(height, p) * p, ceil_div(width, p) * p
         exporting = torch.compiler.is_exporting()
         if exporting or hp > height or wp > width:
             qkv = F.pad(qkv, (0, wp - width, 0, hp - height))

@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
+from ..layers import AttnBlock, ceil_div, factory_kwargs, resolve_heads, to_map, to_tokens
 from ..layers.hashing import (
     attend_lse,
     e2lsh_project,
@@ -98,7 +98,7 @@ class Smyrf(AttnBlock):
         _, _, height, width = x.shape
         n = height * width
         c = min(self.cluster_size, n)
-        n_pad = (n + c - 1) // c * c  # ceil by positive operands: ONNX integer Div truncates toward 0
+        n_pad = ceil_div(n, c) * c
         q, k, v = rearrange(self.qkv(self.norm(to_tokens(x))), "b n (t h d) -> t b h n d", t=3, h=self.heads)
         # An exported graph serves every H, W, so it pads and masks even when nothing is padded here.
         padded = n_pad > n or torch.compiler.is_exporting()

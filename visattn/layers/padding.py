@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pad_to_multiple", "unpad"]
+__all__ = ["ceil_div", "pad_to_multiple", "unpad"]
+
+
+def ceil_div(a, b: int):
+    """``ceil(a / b)`` for sizes ``a >= 0``, ``b >= 1``, as ``(a + b - 1) // b``: the exporter writes
+    ``-(-a // b)`` on a symbolic size as an ONNX Div, which truncates instead of flooring negatives."""
+    return (a + b - 1) // b
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
@@ -25,9 +31,8 @@ def pad_to_multiple(
     if mh < 1 or mw < 1:
         raise ValueError(f"pad_to_multiple: multiple must be >= 1, got {(mh, mw)}")
     h, w = x.shape[-2:]
-    # Ceilings from positive operands, and padding kept when exporting (a zero pad is a no-op), so
-    # that an exported graph with symbolic H, W neither truncates (ONNX's integer Div) nor specialises.
-    ph, pw = (h + mh - 1) // mh * mh - h, (w + mw - 1) // mw * mw - w
+    # Padding kept when exporting (a zero pad is a no-op): a branch on symbolic H, W would specialise.
+    ph, pw = ceil_div(h, mh) * mh - h, ceil_div(w, mw) * mw - w
     if center:
         pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
     else:

@@ -88,6 +88,7 @@ from einops import rearrange
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .block import factory_kwargs
+from .padding import ceil_div
 
 __all__ = [
     "Grid",
@@ -203,12 +204,6 @@ def first_occurrence(ids: torch.Tensor) -> torch.Tensor:
     )
     keep = torch.zeros_like(first).scatter(-1, order, first)
     return keep & (ids >= 0)
-
-
-def ceil_div(a, b: int):
-    """``ceil(a / b)`` for sizes ``a >= 0``, ``b >= 1``, as ``(a + b - 1) // b``: the exporter writes
-    ``-(-a // b)`` on a symbolic size as an ONNX Div, which truncates instead of flooring negatives."""
-    return (a + b - 1) // b
 
 
 def symbolic_sizes(*sizes) -> bool:
