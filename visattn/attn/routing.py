@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, ceil_div, default_heads, factory_kwargs, to_map, to_tokens
+from ..layers import AttnBlock, ceil_div, default_heads, factory_kwargs, pad_to_grid, to_map, to_tokens
 from ..layers.clustering import centroid_scores, commitment_loss, ema_update_, scatter_mean, topw_members
 from ..layers.hashing import gather_tokens, resolve_seed, seeded_normal
 from ..registry import register_attn
@@ -262,8 +262,7 @@ class Routing(AttnBlock):
         qkv = rearrange(torch.cat([q, k, v], dim=1), "b h (y x) d -> b (h d) y x", y=height)
         hp, wp = ceil_div(height, p) * p, ceil_div(width, p) * p
         exporting = torch.compiler.is_exporting()
-        if exporting or hp > height or wp > width:
-            qkv = F.pad(qkv, (0, wp - width, 0, hp - height))
+        qkv = pad_to_grid(qkv, hp, wp)
         # Windows join the batch-like dims: 4D inputs keep SDPA on its fused kernels.
         wins = rearrange(qkv, "b (t h d) (Y y) (X x) -> t b (h Y X) (y x) d", t=3, h=h, y=p, x=p)
         mask = self._window_mask(height, width, hp, wp, p, q.device, exporting)

@@ -10,7 +10,7 @@ from .attention import (
     split_heads,
 )
 from .block import AttnBlock, check_feature_map, factory_kwargs
-from .padding import ceil_div, pad_to_multiple, unpad
+from .padding import ceil_div, pad_to_grid, pad_to_multiple, unpad
 from .pos_embed import ConvPosEnc, sincos_2d
 from .tokens import to_map, to_tokens
 
@@ -24,6 +24,7 @@ __all__ = [
     "merge_heads",
     "multihead_sdpa",
     "ceil_div",
+    "pad_to_grid",
     "pad_to_multiple",
     "raster_causal_mask",
     "resolve_heads",

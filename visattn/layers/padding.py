@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-__all__ = ["ceil_div", "pad_to_multiple", "unpad"]
+__all__ = ["ceil_div", "pad_to_grid", "pad_to_multiple", "unpad"]
 
 
 def ceil_div(a, b: int):
@@ -16,6 +17,19 @@ def ceil_div(a, b: int):
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, (int, torch.SymInt)) else (v[0], v[1])
+
+
+def _pad(x: torch.Tensor, pads, value: float = 0.0) -> torch.Tensor:
+    """``F.pad`` of the last two dims, skipped only where the pads are provably zero: a branch on a
+    symbolic (exported) size would pin the graph to that size."""
+    if all(statically_known_true(p == 0) for p in pads):
+        return x
+    return F.pad(x, pads, value=value)
+
+
+def pad_to_grid(x: torch.Tensor, rows, cols, *, value: float = 0.0) -> torch.Tensor:
+    """Pad a (..., h, w) map at the bottom/right to ``rows x cols`` (sizes may be symbolic)."""
+    return _pad(x, (0, cols - x.shape[-1], 0, rows - x.shape[-2]), value)
 
 
 def pad_to_multiple(
@@ -31,15 +45,12 @@ def pad_to_multiple(
     if mh < 1 or mw < 1:
         raise ValueError(f"pad_to_multiple: multiple must be >= 1, got {(mh, mw)}")
     h, w = x.shape[-2:]
-    # Padding kept when exporting (a zero pad is a no-op): a branch on symbolic H, W would specialise.
     ph, pw = ceil_div(h, mh) * mh - h, ceil_div(w, mw) * mw - w
     if center:
         pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
     else:
         pads = (0, pw, 0, ph)
-    if torch.compiler.is_exporting() or ph or pw:
-        x = F.pad(x, pads, value=value)
-    return x, pads
+    return _pad(x, pads, value), pads
 
 
 def unpad(x: torch.Tensor, pads: tuple[int, int, int, int]) -> torch.Tensor:

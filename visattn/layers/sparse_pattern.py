@@ -85,10 +85,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from .block import factory_kwargs
-from .padding import ceil_div
+from .padding import ceil_div, pad_to_grid
 
 __all__ = [
     "Grid",
@@ -229,18 +228,6 @@ def flat_meshgrid(*sizes, device=None) -> list[torch.Tensor]:
         out.append(i - q * n)  # not ``i % n``: the ONNX converter has no remainder by a symbolic size
         i = q
     return [i, *reversed(out)]
-
-
-def pad_to_grid(x: torch.Tensor, rows, cols) -> torch.Tensor:
-    """Zero-pad a (B, C, h, w) map at the bottom/right to ``rows x cols`` (undo with :func:`crop_to_map`).
-
-    Unlike :func:`visattn.layers.pad_to_multiple` it never branches on (or converts to int) a size, so
-    exported graphs keep H and W dynamic.
-    """
-    ph, pw = rows - x.shape[-2], cols - x.shape[-1]
-    if statically_known_true(ph == 0) and statically_known_true(pw == 0):
-        return x
-    return F.pad(x, (0, pw, 0, ph))
 
 
 def crop_to_map(t: torch.Tensor, grid: Grid, height, width) -> torch.Tensor:
