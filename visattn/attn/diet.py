@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import AttnBlock, resolve_heads, to_tokens
+from ..layers import AttnBlock, check_odd_kernel, resolve_heads, to_tokens
 from ..layers.sparse_pattern import (
     Grid,
     Pattern,
@@ -63,8 +63,7 @@ class Diet(AttnBlock):
         dtype=None,
     ) -> None:
         super().__init__(channels)
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"diet: kernel_size must be odd and >= 1, got {kernel_size}")
+        check_odd_kernel(kernel_size, "diet")
         if dilation < 1:
             raise ValueError(f"diet: dilation must be >= 1, got {dilation}")
         heads = resolve_heads(channels, heads, "diet")

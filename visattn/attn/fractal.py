@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..layers import AttnBlock, factory_kwargs
+from ..layers import AttnBlock, check_odd_kernel, factory_kwargs
 from ..registry import register_attn
 
 __all__ = ["FracTAL", "fractal_tanimoto", "fractal_tanimoto_with_complement"]
@@ -98,8 +98,7 @@ class FracTAL(AttnBlock):
             raise ValueError(f"fractal: depth must be an int >= 0, got {depth!r}")
         if heads < 1 or channels % heads:
             raise ValueError(f"fractal: heads ({heads}) must be >= 1 and divide channels ({channels})")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"fractal: kernel_size must be odd and >= 1, got {kernel_size}")
+        check_odd_kernel(kernel_size, "fractal")
         if not smooth > 0:
             raise ValueError(f"fractal: smooth must be > 0, got {smooth}")
         dd = factory_kwargs(device, dtype)

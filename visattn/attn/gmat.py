@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..layers import (
     AttnBlock,
+    check_odd_kernel,
     factory_kwargs,
     multihead_sdpa,
     resolve_heads,
@@ -74,8 +75,7 @@ class GMAT(AttnBlock):
         super().__init__(channels)
         if num_memory < 0:
             raise ValueError(f"gmat: num_memory must be >= 0, got {num_memory}")
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"gmat: kernel_size must be odd and >= 1, got {kernel_size}")
+        check_odd_kernel(kernel_size, "gmat")
         heads = resolve_heads(channels, heads, "gmat")
         dd = factory_kwargs(device, dtype)
         self.num_memory, self.kernel_size, self.heads = num_memory, kernel_size, heads

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from ..layers import (
     AttnBlock,
+    check_odd_kernel,
     factory_kwargs,
     multihead_sdpa,
     resolve_heads,
@@ -74,8 +75,7 @@ class Longformer(AttnBlock):
         dtype=None,
     ) -> None:
         super().__init__(channels)
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"longformer: kernel_size must be odd and >= 1, got {kernel_size}")
+        check_odd_kernel(kernel_size, "longformer")
         if dilation < 1:
             raise ValueError(f"longformer: dilation must be >= 1, got {dilation}")
         if num_global < 0:

@@ -9,7 +9,7 @@ from .attention import (
     resolve_heads,
     split_heads,
 )
-from .block import AttnBlock, check_feature_map, factory_kwargs
+from .block import AttnBlock, check_feature_map, check_odd_kernel, factory_kwargs
 from .padding import ceil_div, pad_to_grid, pad_to_multiple, unpad
 from .pos_embed import ConvPosEnc, sincos_2d
 from .tokens import to_map, to_tokens
@@ -19,6 +19,7 @@ __all__ = [
     "ConvPosEnc",
     "MultiHeadAttention",
     "check_feature_map",
+    "check_odd_kernel",
     "default_heads",
     "factory_kwargs",
     "merge_heads",

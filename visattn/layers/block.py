@@ -7,12 +7,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["AttnBlock", "check_feature_map", "factory_kwargs"]
+__all__ = ["AttnBlock", "check_feature_map", "check_odd_kernel", "factory_kwargs"]
 
 
 def factory_kwargs(device: Any = None, dtype: Any = None) -> dict[str, Any]:
     """``dict(device=..., dtype=...)`` for layer constructors (timm's ``dd`` convention)."""
     return {"device": device, "dtype": dtype}
+
+
+def check_odd_kernel(kernel_size: int, owner: str, name: str = "kernel_size") -> None:
+    """ValueError ``"<owner>: <name> must be odd and >= 1"`` unless it is (a centred window needs it)."""
+    if kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"{owner}: {name} must be odd and >= 1, got {kernel_size}")
 
 
 def check_feature_map(x: torch.Tensor, channels: int, block: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .block import factory_kwargs
+from .block import check_odd_kernel, factory_kwargs
 
 __all__ = ["sincos_2d", "ConvPosEnc"]
 
@@ -42,8 +42,7 @@ class ConvPosEnc(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int = 3, *, causal: bool = False, device=None, dtype=None):
         super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"ConvPosEnc: kernel_size must be odd and >= 1, got {kernel_size}")
+        check_odd_kernel(kernel_size, "ConvPosEnc")
         self.causal = causal
         self.proj = nn.Conv2d(
             channels,
