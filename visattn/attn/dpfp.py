@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import default_heads, factory_kwargs
+from ..layers import factory_kwargs
 from ..layers.delta_rule import delta_rule
 from ..layers.linear_attention import KernelAttnBlock
 from ..registry import register_attn
@@ -94,7 +94,7 @@ class DPFP(KernelAttnBlock):
     ) -> None:
         super().__init__(
             channels,
-            heads=default_heads(channels) if heads is None else heads,
+            heads=heads,
             causal=causal,
             chunk_size=chunk_size,
             eps=eps,

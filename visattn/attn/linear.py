@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from ..layers import default_heads
 from ..layers.linear_attention import KernelAttnBlock, elu_feature_map
 from ..registry import register_attn
 
@@ -55,7 +54,7 @@ class LinearAttention(KernelAttnBlock):
     ) -> None:
         super().__init__(
             channels,
-            heads=default_heads(channels) if heads is None else heads,
+            heads=heads,
             causal=causal,
             chunk_size=chunk_size,
             eps=eps,

@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from ..layers import default_heads
 from ..layers.linear_attention import KernelAttnBlock, RandomFeatures, trig_random_features
 from ..registry import register_attn
 
@@ -72,7 +71,7 @@ class PerformerV1(KernelAttnBlock):
     ) -> None:
         super().__init__(
             channels,
-            heads=default_heads(channels) if heads is None else heads,
+            heads=heads,
             causal=causal,
             chunk_size=chunk_size,
             eps=eps,

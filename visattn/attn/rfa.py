@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import default_heads, factory_kwargs
+from ..layers import factory_kwargs
 from ..layers.linear_attention import KernelAttnBlock, RandomFeatures, linear_attention
 from ..registry import register_attn
 
@@ -107,7 +107,7 @@ class RFA(KernelAttnBlock):
     ) -> None:
         super().__init__(
             channels,
-            heads=default_heads(channels) if heads is None else heads,
+            heads=heads,
             causal=causal,
             chunk_size=chunk_size,
             eps=eps,

@@ -44,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from .attention import resolve_heads
 from .block import AttnBlock, factory_kwargs
 from .pos_embed import sincos_2d
 from .tokens import to_map, to_tokens
@@ -442,7 +443,7 @@ class KernelAttnBlock(AttnBlock):
 
     Args:
         channels: C.
-        heads: number of heads (must divide C).
+        heads: number of heads (must divide C; default: heads of 32 channels, ``default_heads``).
         causal: raster-order causal attention.
         chunk_size: chunk length of the causal scan.
         eps: denominator epsilon.
@@ -454,7 +455,7 @@ class KernelAttnBlock(AttnBlock):
         self,
         channels: int,
         *,
-        heads: int,
+        heads: int | None = None,
         causal: bool = False,
         chunk_size: int = 64,
         eps: float = 1e-6,
@@ -465,10 +466,7 @@ class KernelAttnBlock(AttnBlock):
     ) -> None:
         super().__init__(channels)
         name = self._block_name()
-        if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or channels % heads:
-            raise ValueError(
-                f"{name}: heads must be a positive divisor of channels ({channels}), got {heads!r}"
-            )
+        heads = resolve_heads(channels, heads, name)
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
         if not eps > 0:
