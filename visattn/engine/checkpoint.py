@@ -12,7 +12,20 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["latest_checkpoint", "load_checkpoint", "rng_state", "save_checkpoint", "set_rng_state"]
+__all__ = [
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_weights",
+    "resolve_checkpoint",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+]
+
+CHECKPOINT_FORMS = (
+    "a checkpoint prefix (runs/x/iter_300), its .safetensors or .state.pt file, a work dir (its latest "
+    "checkpoint), or a .pth/.pt/.safetensors file in visattn or mmseg layout"
+)
 
 
 def _atomic(path: Path, write) -> None:
@@ -74,3 +87,36 @@ def load_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module | None = N
         model.load_state_dict(load_file(str(model_path)), strict=True)
     state_path = Path(prefix + ".state.pt")
     return torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else {}
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """The weights file that ``path`` names, in any of the forms predict, test, export and resume
+    accept (:data:`CHECKPOINT_FORMS`); raises :class:`visattn.hub.CheckpointError` naming the path and
+    the accepted forms when there is none."""
+    from ..hub import CheckpointError
+
+    text = os.fspath(path)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        prefix = latest_checkpoint(p)
+        if prefix is None:
+            raise CheckpointError(f"checkpoint {text!r} is a directory without a 'latest' checkpoint")
+        p = Path(prefix + ".safetensors")
+    elif text.endswith(".state.pt"):
+        p = Path(text[: -len(".state.pt")] + ".safetensors").expanduser()
+    elif not p.is_file() and Path(text + ".safetensors").expanduser().is_file():
+        p = Path(text + ".safetensors").expanduser()
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint {text!r} does not exist; give {CHECKPOINT_FORMS}")
+    return p
+
+
+def load_weights(model: torch.nn.Module, path: str | os.PathLike) -> Path:
+    """Load the weights that ``path`` names (:func:`resolve_checkpoint`) strictly into ``model``; an
+    unreadable file or mismatched keys raise :class:`visattn.hub.CheckpointError` /ValueError naming
+    the file. Returns the file loaded."""
+    from ..hub import load_pretrained
+
+    file = resolve_checkpoint(path)
+    load_pretrained(model, None, checkpoint_path=file)
+    return file
