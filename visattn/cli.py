@@ -10,6 +10,7 @@ from pathlib import Path
 
 from . import registry, tables
 from .engine.cli import add_train_test_parsers
+from .errors import run_command
 from .predict_cli import add_predict_parser
 
 
@@ -178,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="visattn", description="Efficient attention blocks for computer vision."
     )
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error (also: VISATTN_DEBUG=1)"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("list", help="table of all blocks")
@@ -235,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return run_command(f"visattn {args.command}", lambda: args.func(args), debug=args.debug)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import VisattnError
 from .registry import attn_info, create_attn, list_attns
 
 __all__ = [
@@ -36,7 +37,7 @@ EXAMPLE_SHAPE = (2, 32, 16, 20)
 SECOND_HW = (13, 9)
 
 
-class NotExportableError(RuntimeError):
+class NotExportableError(VisattnError, RuntimeError):
     """The block's method cannot be exported (its AttnInfo says so)."""
 
 

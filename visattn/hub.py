@@ -25,6 +25,8 @@ from urllib.parse import urlparse
 
 import torch
 
+from .errors import VisattnError
+
 __all__ = [
     "CheckpointError",
     "checkpoint_dir",
@@ -42,7 +44,7 @@ __all__ = [
 _HASH_RE = re.compile(r"-([a-f0-9]{8,64})\.[A-Za-z0-9]+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(VisattnError, RuntimeError):
     """A checkpoint that cannot be downloaded, fails its hash check, or cannot be read."""
 
 

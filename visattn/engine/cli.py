@@ -132,11 +132,16 @@ def add_train_test_parsers(subparsers) -> tuple[argparse.ArgumentParser, argpars
 
 
 def _main(command: str, argv: list[str] | None) -> int:
+    from ..errors import run_command
+
     parser = argparse.ArgumentParser(prog=f"visattn {command}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_test_parsers(sub)
-    args = parser.parse_args([command, *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = parser.parse_args([command, *[a for a in argv if a != "--debug"]])
+    return run_command(f"visattn {command}", lambda: args.func(args), debug=debug)
 
 
 def main_train(argv: list[str] | None = None) -> int:

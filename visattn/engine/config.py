@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from ..errors import VisattnError
+
 __all__ = ["DEFAULTS", "ConfigError", "apply_overrides", "load_config", "validate_config"]
 
 _NUM = (int, float)
@@ -92,7 +94,7 @@ CHOICES = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(VisattnError, ValueError):
     """A bad config value; the message names the key."""
 
 
