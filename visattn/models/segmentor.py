@@ -322,8 +322,12 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
 
 def resolve_config(name_or_cfg: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> dict[str, Any]:
     """The full config of a zoo name, a config dict or a YAML file, with ``overrides`` applied and
-    every key checked (an unknown key raises ValueError naming it and the valid keys)."""
+    every key checked before anything is built (:func:`visattn.engine.config.check_model_config`): an
+    unknown key, a value of the wrong type or range, an unknown backbone, head or block, or a keyword
+    the head or block does not take raises :class:`~visattn.engine.config.ConfigError` (a ValueError)
+    naming the key."""
     from .. import hub
+    from ..engine.config import ConfigError, check_model_config, read_yaml
 
     if isinstance(name_or_cfg, Mapping):
         cfg = dict(name_or_cfg)
@@ -334,13 +338,16 @@ def resolve_config(name_or_cfg: str | os.PathLike | Mapping[str, Any], **overrid
         elif text.endswith((".yaml", ".yml")) or os.path.isfile(text):
             if not os.path.isfile(text):
                 raise FileNotFoundError(f"segmentor config file {text!r} does not exist")
-            import yaml
-
-            with open(text) as f:
-                cfg = yaml.safe_load(f) or {}
-            if not isinstance(cfg, Mapping):
-                raise ValueError(f"{text}: a segmentor config must be a mapping, got {type(cfg).__name__}")
-            cfg = dict(cfg.get("model", cfg))
+            raw = read_yaml(text)
+            if not raw:
+                # An empty file must not quietly become the default segmentor.
+                raise ConfigError(f"segmentor config file {text!r} is empty; see configs/demo.yaml")
+            if not isinstance(raw, Mapping):
+                raise ConfigError(f"{text}: a segmentor config must be a mapping, got {type(raw).__name__}")
+            cfg = raw.get("model", raw)
+            if not isinstance(cfg, Mapping) or not cfg:
+                raise ConfigError(f"{text}: config key 'model' must be a non-empty mapping, got {cfg!r}")
+            cfg = dict(cfg)
         else:
             close = difflib.get_close_matches(text, hub.list_pretrained(), n=5, cutoff=0.5)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -353,20 +360,14 @@ def resolve_config(name_or_cfg: str | os.PathLike | Mapping[str, Any], **overrid
             f"create_segmentor: expected a name, a path or a dict, got {type(name_or_cfg).__name__}"
         )
     cfg = _merge(cfg, overrides)
-    unknown = sorted(set(cfg) - set(DEFAULT_CONFIG))
-    if unknown:
-        raise ValueError(f"unknown segmentor config key(s) {unknown}; valid keys: {sorted(DEFAULT_CONFIG)}")
+    # One checker for every key (type, range, names, constructor keywords): visattn.engine.config.
+    check_model_config(cfg, prefix="")
     cfg = _merge(DEFAULT_CONFIG, cfg)
-    if not isinstance(cfg["data"], Mapping):
-        raise ValueError(f"config key 'data' must be a mapping, got {type(cfg['data']).__name__}")
-    bad = sorted(set(cfg["data"]) - set(DATA_KEYS))
-    if bad:
-        raise ValueError(f"unknown config key(s) data.{bad}; valid: {sorted(DATA_KEYS)}")
+    if cfg["data"] is None:
+        cfg["data"] = {}
     for key in ("backbone_kwargs", "backbone_attn_kwargs", "head_kwargs", "attn_kwargs", "aux_kwargs"):
         if cfg[key] is None:
             cfg[key] = {}
-        if not isinstance(cfg[key], Mapping):
-            raise ValueError(f"config key {key!r} must be a mapping, got {type(cfg[key]).__name__}")
     return cfg
 
 
@@ -382,10 +383,13 @@ def _build_head(cfg: Mapping[str, Any], in_channels: int) -> DecodeHead:
         if attn is None:
             raise ValueError("head 'attn' needs config key 'attn' (a block of visattn.list_attns())")
         if attn not in list_attns():
+            # resolve_config reports this first; kept for configs that bypass it.
+            what = "attn" if head == "attn" else "head"
             close = difflib.get_close_matches(str(attn), [*HEADS, *list_attns()], n=5, cutoff=0.5)
             raise ValueError(
-                f"unknown head {head!r}: choose one of {sorted(HEADS)} or a block of visattn.list_attns()"
+                f"config key {what!r}: unknown {'attention block' if what == 'attn' else 'head'} {attn!r}"
                 + (f" (did you mean {', '.join(close)}?)" if close else "")
+                + f"; heads: {sorted(HEADS)}, blocks: visattn.list_attns()"
             )
         cls = AttnHead
         kwargs.update(attn=attn, attn_kwargs=dict(cfg["attn_kwargs"]))
@@ -396,8 +400,6 @@ def build_segmentor(cfg: Mapping[str, Any]) -> Segmentor:
     """A randomly initialised :class:`Segmentor` from a resolved config (:func:`resolve_config`)."""
     cfg = resolve_config(cfg)
     num_classes = cfg["num_classes"]
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"config key 'num_classes' must be a positive int, got {num_classes!r}")
     timm_kwargs = dict(cfg["backbone_kwargs"])
     if cfg["output_stride"] is not None:
         timm_kwargs["output_stride"] = cfg["output_stride"]
