@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
+import socket
 from functools import partial
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch.nn as nn
@@ -21,7 +24,7 @@ from timm.models import FeatureListNet
 
 from ..registry import attn_info, create_attn
 
-__all__ = ["create_model", "insert_attention", "ATTN_SLOTS", "PLACEMENTS"]
+__all__ = ["create_model", "insert_attention", "pretrained_weights_offline_check", "ATTN_SLOTS", "PLACEMENTS"]
 
 _logger = logging.getLogger("visattn")
 
@@ -194,6 +197,138 @@ def _check_backbone(backbone: str) -> None:
         raise ValueError(f"unknown timm backbone {backbone!r}.{hint} See timm.list_models().")
 
 
+# Seconds to wait for a TCP connection to the weights' host before calling it unreachable: long enough
+# for a slow link, short enough that an offline user is not kept waiting (huggingface_hub retries ~47 s).
+PROBE_TIMEOUT_S = 3.0
+
+
+def _reachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``url``'s host (or to the proxy the environment names for it) opens."""
+    import urllib.request
+
+    parsed = urlparse(url)
+    target = parsed
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        target = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+    port = target.port or (443 if target.scheme == "https" else 80)
+    try:
+        socket.create_connection((target.hostname, port), timeout=timeout).close()
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _hf_weight_files(cfg) -> list[str]:
+    """The file names timm's hub loader tries, in its order (a safetensors alternative first)."""
+    name = cfg.hf_hub_filename or "pytorch_model.bin"
+    if name.endswith(".safetensors"):
+        return [name]
+    safe = "model.safetensors" if name == "pytorch_model.bin" else name.rsplit(".", 1)[0] + ".safetensors"
+    return [safe, name]
+
+
+def pretrained_weights_offline_check(backbone: str, timm_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Check, before timm tries, that ``timm.create_model(backbone, pretrained=True, **timm_kwargs)`` can
+    get its weights; returns the timm kwargs to use (unchanged, or pointing timm at the cached file).
+
+    Offline, huggingface_hub retries for about 47 s and then fails without saying what to do. Here: a
+    weights file already in the Hugging Face cache or in torch.hub's cache is loaded from there with no
+    network access when the hub is unreachable or ``HF_HUB_OFFLINE=1``; a file in neither cache with the
+    host unreachable raises :class:`visattn.hub.CheckpointError` within seconds, naming the file, where
+    timm looks for it and the options (``pretrained_cfg_overlay=dict(file=...)``, ``pretrained=False``).
+    """
+    from timm.models import resolve_pretrained_cfg, split_model_name_tag
+
+    from ..hub import CheckpointError
+
+    name, tag = split_model_name_tag(backbone)
+    overlay = dict(timm_kwargs.get("pretrained_cfg_overlay") or {})
+    cfg = resolve_pretrained_cfg(
+        name, pretrained_cfg=timm_kwargs.get("pretrained_cfg") or tag or None, pretrained_cfg_overlay=overlay
+    )
+    call = f"visattn.create_model({backbone!r}, pretrained=True)"
+    if cfg.state_dict is not None or cfg.source == "local-dir":
+        return timm_kwargs
+    if cfg.file:
+        if not os.path.isfile(cfg.file):
+            raise CheckpointError(
+                f"{call}: the weights file {cfg.file} given in pretrained_cfg_overlay/pretrained_cfg does not "
+                "exist; pass the path of a timm state dict (.safetensors, .pth or .bin) or pretrained=False"
+            )
+        return timm_kwargs
+    hf_id = cfg.hf_hub_id
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants as hf_constants
+    except ImportError:  # timm then falls back to the URL
+        hf_id = None
+    if cfg.source == "hf-hub" and not hf_id:
+        return timm_kwargs  # timm itself reports the missing huggingface_hub
+    if not hf_id and not cfg.url:
+        raise CheckpointError(
+            f"{call}: timm has no pretrained weights for {backbone!r}; pass pretrained=False"
+        )
+
+    cached = None
+    if hf_id:
+        repo, _, revision = hf_id.partition("@")
+        cache_dir = timm_kwargs.get("cache_dir")
+        for file_name in _hf_weight_files(cfg):
+            found = huggingface_hub.try_to_load_from_cache(
+                repo, file_name, cache_dir=cache_dir, revision=revision or None
+            )
+            if isinstance(found, str):
+                cached = found
+                break
+        endpoint = hf_constants.ENDPOINT
+        offline = bool(hf_constants.HF_HUB_OFFLINE)
+        file_name = _hf_weight_files(cfg)[0]
+        url = f"{endpoint.rstrip('/')}/{repo}/resolve/{revision or 'main'}/{file_name}"
+        cache_root = os.fspath(cache_dir or hf_constants.HF_HUB_CACHE)
+        hub_place = (
+            f"in the Hugging Face cache where timm looks for it, {cache_root}/models--{repo.replace('/', '--')}/"
+            f"snapshots/<commit>/{file_name} with refs/{revision or 'main'} holding <commit> (`hf download "
+            f"{repo} {file_name}` on a machine with network fills it; HF_HOME moves it)"
+        )
+    else:
+        url, offline, hub_place = cfg.url, False, None
+    torch_file = None
+    if cfg.url:
+        import torch.hub
+
+        torch_file = os.path.join(
+            os.fspath(timm_kwargs.get("cache_dir") or os.path.join(torch.hub.get_dir(), "checkpoints")),
+            os.path.basename(urlparse(cfg.url).path),
+        )
+        if cached is None and not hf_id and os.path.isfile(torch_file):
+            return timm_kwargs  # timm's URL loader reads its cache without network access
+    if cached is None and torch_file and os.path.isfile(torch_file):
+        cached = torch_file  # placed by hand where torch.hub keeps downloads
+    if not offline and _reachable(url):
+        return timm_kwargs
+    if cached is not None:
+        if cfg.custom_load:
+            return timm_kwargs  # a custom loader reads its own format from the hub cache itself
+        _logger.info("visattn: %s unreachable; loading %s's weights from the cache %s", url, backbone, cached)
+        return {**timm_kwargs, "pretrained_cfg_overlay": {**overlay, "file": cached}}
+    why = "HF_HUB_OFFLINE is set" if offline else f"{urlparse(url).netloc} cannot be reached"
+    options = [
+        f"download {url} and pass pretrained_cfg_overlay=dict(file='/path/to/"
+        f"{os.path.basename(urlparse(url).path)}')"
+    ]
+    if hub_place:
+        options.append(f"place it {hub_place}")
+    if torch_file:
+        options.append(f"place {os.path.basename(torch_file)} (from {cfg.url}) at {torch_file}")
+    options.append("pass pretrained=False (random backbone weights)")
+    raise CheckpointError(
+        f"{call}: timm's weights for {backbone} are not cached and {why}. Options: "
+        + "; or ".join(options)
+        + "."
+    )
+
+
 def create_model(
     backbone: str,
     attn: str | None = None,
@@ -225,6 +360,8 @@ def create_model(
     output_fmt = timm_kwargs.pop("output_fmt", "NCHW")
     if not features_only and out_indices is not None:
         raise ValueError("out_indices is only meaningful with features_only=True")
+    if pretrained:
+        timm_kwargs = pretrained_weights_offline_check(backbone, timm_kwargs)
     model = timm.create_model(backbone, pretrained=pretrained, **timm_kwargs)
     if attn is not None:
         names = insert_attention(model, attn, attn_kwargs=attn_kwargs, stages=stages, placement=placement)
