@@ -10,7 +10,18 @@ from pathlib import Path
 
 from . import registry, tables
 from .engine.cli import add_train_test_parsers
-from .errors import run_command
+from .errors import (
+    ArgumentParser,
+    device_arg,
+    exit_code,
+    parse_size_list,
+    positive_float,
+    positive_int,
+    run_command,
+    size_list,
+    writable_dir,
+    writable_file,
+)
 from .predict_cli import add_predict_parser
 
 
@@ -21,11 +32,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    try:
-        info = registry.attn_info(args.name)
-    except ValueError as err:
-        print(f"visattn: {err}", file=sys.stderr)
-        return 2
+    info = registry.attn_info(args.name)  # an unknown name: ValueError with close names
     for field in dataclasses.fields(info):
         print(f"{field.name:>17}: {getattr(info, field.name)}")
     cls = registry.attn_class(args.name)
@@ -37,20 +44,38 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _cmd_docs(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(tables.markdown_blocks())
+    _write_text(out, tables.markdown_blocks())
     print(f"wrote {out}")
     return 0
 
 
 def _parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for part in text.split(","):
-        h, _, w = part.strip().partition("x")
-        sizes.append((int(h), int(w or h)))
-    return sizes
+    """``"32,64x48"`` -> [(32, 32), (64, 48)]; ValueError naming the bad entry."""
+    return parse_size_list(text)
+
+
+def _check_blocks(names: list[str]) -> None:
+    """ValueError for the first unknown block name, with close names (registry.attn_info's message)."""
+    for name in names:
+        registry.attn_info(name)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -59,23 +84,21 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .bench import runner
 
     names = args.names or registry.list_attns(args.filter)
-    unknown = [n for n in names if n not in registry.list_attns()]
-    if unknown:
-        print(f"visattn: unknown block(s) {unknown}; see `visattn list`", file=sys.stderr)
-        return 2
+    if not names:
+        raise ValueError(f"no block matches --filter {args.filter!r}; see `visattn list`")
+    _check_blocks(names)
+    if args.plot:
+        import importlib.util
+
+        # Known before the sweep, not after minutes of measuring.
+        if importlib.util.find_spec("matplotlib") is None:
+            raise ValueError("--plot needs matplotlib: pip install 'visattn[bench]' (or drop --plot)")
     if args.quick:
         sizes, batch, channels, min_run = [(16, 16), (32, 32)], 1, 64, 0.02
     else:
-        sizes, batch, channels, min_run = (
-            _parse_sizes(args.sizes),
-            args.batch,
-            args.channels,
-            args.min_run_time,
-        )
+        # --sizes, --batch, --channels and --min-run-time were checked by their argparse types.
+        sizes, batch, channels, min_run = args.sizes, args.batch, args.channels, args.min_run_time
     dtypes = [getattr(torch, d) for d in args.dtype]
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("visattn: --device cuda but torch.cuda.is_available() is False", file=sys.stderr)
-        return 2
     rows = runner.run_sweep(
         names,
         sizes,
@@ -160,6 +183,7 @@ def _cmd_support(args: argparse.Namespace) -> int:
     from . import export
 
     names = args.names or registry.list_attns()
+    _check_blocks(names)
     rows = []
     for name in names:
         row = export.support_row(name)
@@ -170,15 +194,13 @@ def _cmd_support(args: argparse.Namespace) -> int:
         )
         rows.append(row)
     if args.output:
-        Path(args.output).write_text(export.support_markdown(rows))
+        _write_text(Path(args.output), export.support_markdown(rows))
         print(f"wrote {args.output}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="visattn", description="Efficient attention blocks for computer vision."
-    )
+    parser = ArgumentParser(prog="visattn", description="Efficient attention blocks for computer vision.")
     parser.add_argument(
         "--debug", action="store_true", help="show the traceback of an error (also: VISATTN_DEBUG=1)"
     )
@@ -196,19 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure time, FLOPs and memory of blocks over sizes")
     p.add_argument("names", nargs="*", help="block names (default: all matching --filter)")
     p.add_argument("--filter", default="*", help="fnmatch pattern over block names")
-    p.add_argument("--sizes", default="32,64", help="comma-separated H[xW], e.g. 32,64x48")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--channels", type=int, default=256)
+    p.add_argument("--sizes", type=size_list, default="32,64", help="comma-separated H[xW], e.g. 32,64x48")
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--channels", type=positive_int, default=256)
     p.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
-        "--min-run-time", type=float, default=0.2, help="seconds per timing (torch.utils.benchmark)"
+        "--min-run-time", type=positive_float, default=0.2, help="seconds per timing (torch.utils.benchmark)"
     )
     p.add_argument("--quick", action="store_true", help="B=1, C=64, 16x16 and 32x32, short timings")
     p.add_argument("--peers", action="store_true", help="also time installed public implementations")
-    p.add_argument("--csv")
-    p.add_argument("--json")
-    p.add_argument("--plot", metavar="DIR", help="write log-log scaling PNGs into DIR")
+    p.add_argument("--csv", type=writable_file, help="write the rows as CSV")
+    p.add_argument("--json", type=writable_file, help="write the rows as JSON")
+    p.add_argument("--plot", type=writable_dir, metavar="DIR", help="write log-log scaling PNGs into DIR")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
@@ -225,20 +247,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("support", help="run the deployment checks and write docs/support.md")
     p.add_argument("names", nargs="*")
-    p.add_argument("-o", "--output", help="markdown file to write (e.g. docs/support.md)")
+    p.add_argument("-o", "--output", type=writable_file, help="markdown file to write (e.g. docs/support.md)")
     p.set_defaults(func=_cmd_support)
 
     p = sub.add_parser("docs", help="regenerate docs/blocks.md")
-    p.add_argument("-o", "--output", default="docs/blocks.md")
+    p.add_argument("-o", "--output", type=writable_file, default="docs/blocks.md")
     p.set_defaults(func=_cmd_docs)
 
     add_predict_parser(sub)
     add_train_test_parsers(sub)
+    for command in sub.choices.values():
+        # --debug after the subcommand too; SUPPRESS keeps an earlier `visattn --debug` from being reset.
+        try:
+            command.add_argument(
+                "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+            )
+        except argparse.ArgumentError:
+            pass
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run ``visattn`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit code: 0, 2 for a
+    bad argument or a user error (one line on stderr), 1 for an internal error."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a bad argument already reported on one line
+        return exit_code(exc)
     return run_command(f"visattn {args.command}", lambda: args.func(args), debug=args.debug)
 
 
