@@ -142,11 +142,15 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _where_to_put(url: str, target: Path) -> str:
+PYTHON_HINT = "pass checkpoint_path='/path/to/file' to visattn.create_segmentor"
+
+
+def _where_to_put(url: str, target: Path, hint: str | None = None) -> str:
+    """The offline fix: the file to place and where, or ``hint`` (how this caller takes a local file;
+    default: :data:`PYTHON_HINT`; the command line names its ``--checkpoint`` flag instead)."""
     return (
         f"Download {url} yourself and place it at {target} (the cache: $VISATTN_HOME/checkpoints if "
-        "VISATTN_HOME is set, else torch.hub's $TORCH_HOME/hub/checkpoints), or pass "
-        "checkpoint_path='/path/to/file' to visattn.create_segmentor."
+        f"VISATTN_HOME is set, else torch.hub's $TORCH_HOME/hub/checkpoints), or {hint or PYTHON_HINT}."
     )
 
 
@@ -156,12 +160,14 @@ def download_checkpoint(
     hash_prefix: str | None = "auto",
     progress: bool = True,
     model_dir: str | os.PathLike | None = None,
+    hint: str | None = None,
 ) -> Path:
     """The local path of ``url``'s file, downloading it into the cache if needed.
 
     The file's SHA-256 must start with ``hash_prefix`` (``"auto"``: the prefix in the file name; None:
     no check), for a fresh download (checked by torch.hub before the file is moved into place) and for
-    a file already in the cache. Raises :class:`CheckpointError` naming the URL and the local path.
+    a file already in the cache. Raises :class:`CheckpointError` naming the URL and the local path;
+    ``hint`` replaces the "pass checkpoint_path=..." part of its advice (the CLI names its flag).
     """
     directory = Path(model_dir) if model_dir is not None else checkpoint_dir()
     target = directory / _file_name(url)
@@ -172,7 +178,7 @@ def download_checkpoint(
             raise CheckpointError(
                 f"{target} is in the cache but its SHA-256 does not start with {hash_prefix} "
                 f"(the hash in the name of {url}): a corrupt or different file. Delete it to download again. "
-                + _where_to_put(url, target)
+                + _where_to_put(url, target, hint)
             )
         return target
     directory.mkdir(parents=True, exist_ok=True)
@@ -182,11 +188,13 @@ def download_checkpoint(
         if "invalid hash value" in str(err):
             raise CheckpointError(
                 f"the file downloaded from {url} failed its hash check ({err}); it was discarded, "
-                f"nothing was written to {target}. " + _where_to_put(url, target)
+                f"nothing was written to {target}. " + _where_to_put(url, target, hint)
             ) from err
         raise
     except (URLError, OSError, ValueError) as err:
-        raise CheckpointError(f"could not download {url} ({err}). " + _where_to_put(url, target)) from err
+        raise CheckpointError(
+            f"could not download {url} ({err}). " + _where_to_put(url, target, hint)
+        ) from err
     return target
 
 
@@ -212,10 +220,14 @@ def load_checkpoint_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def pretrained_path(
-    name: str | None, *, checkpoint_path: str | os.PathLike | None = None, progress: bool = True
+    name: str | None,
+    *,
+    checkpoint_path: str | os.PathLike | None = None,
+    progress: bool = True,
+    hint: str | None = None,
 ) -> Path:
     """The local checkpoint file of zoo entry ``name`` (downloaded and hash-checked if needed), or
-    ``checkpoint_path`` when given."""
+    ``checkpoint_path`` when given; ``hint``: see :func:`download_checkpoint`."""
     if checkpoint_path is not None:
         path = Path(checkpoint_path).expanduser()
         if not path.is_file():
@@ -223,7 +235,7 @@ def pretrained_path(
         return path
     entry = zoo_entry(name)
     prefix = str(entry["hash"]) if entry.get("hash") else "auto"
-    return download_checkpoint(entry["url"], hash_prefix=prefix, progress=progress)
+    return download_checkpoint(entry["url"], hash_prefix=prefix, progress=progress, hint=hint)
 
 
 def load_pretrained(
