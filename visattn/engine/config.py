@@ -587,7 +587,7 @@ def _check_backbone(cfg: Mapping[str, Any], prefix: str) -> None:
         prefix + "backbone_attn_kwargs",
         attn_class(block),
         f"block {block!r}",
-        skip={"channels"},
+        skip={"channels", "device", "dtype"},
     )
 
 
