@@ -1,11 +1,16 @@
 """Checkpoints: the model as safetensors plus a small torch file (optimiser, scheduler, scaler, RNG
 states, iteration) that loads with ``weights_only=True``; both written to a temporary file and renamed
-(``os.replace``), so a crash never leaves a half-written checkpoint."""
+(``os.replace``), so a crash never leaves a half-written checkpoint.
+
+Reading is strict: :func:`read_checkpoint` parses both files completely, so a truncated or foreign file is
+one :class:`visattn.hub.CheckpointError` naming it, and :func:`find_intact_checkpoint` walks a work dir's
+checkpoints newest first to the newest one that reads (what ``--resume`` continues from)."""
 
 from __future__ import annotations
 
 import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +18,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = [
+    "atomic_write_text",
+    "checkpoint_candidates",
+    "checkpoint_iteration",
+    "checkpoint_prefix",
+    "find_intact_checkpoint",
     "latest_checkpoint",
     "load_checkpoint",
     "load_weights",
+    "read_checkpoint",
     "resolve_checkpoint",
     "rng_state",
     "save_checkpoint",
@@ -28,10 +39,26 @@ CHECKPOINT_FORMS = (
 )
 
 
+# Keys a training state file must hold for a resume (the model itself is the .safetensors file).
+RESUME_STATE_KEYS = ("iteration", "optimizer", "scheduler", "rng")
+_ITER_NAME = re.compile(r"iter_(\d+)")
+
+
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        # A failed write (full disk, interrupt) leaves neither a half file under the real name nor litter.
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``: a
+    reader (or a crash) sees the old content or the new, never a mix."""
+    _atomic(Path(path), lambda p: p.write_text(text))
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,19 +101,117 @@ def latest_checkpoint(work_dir: str | os.PathLike) -> str | None:
     return str(Path(work_dir) / name) if name else None
 
 
+def checkpoint_prefix(path: str | os.PathLike) -> str:
+    """``path`` without a ``.safetensors`` or ``.state.pt`` ending (the name both files share)."""
+    text = os.fspath(path)
+    for end in (".safetensors", ".state.pt"):
+        if text.endswith(end):
+            return text[: -len(end)]
+    return text
+
+
+def read_checkpoint(
+    prefix: str | os.PathLike, *, require_state: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The model tensors of ``<prefix>.safetensors`` and the state of ``<prefix>.state.pt`` (empty when
+    absent and not ``require_state``), both parsed completely. A missing, truncated or unreadable file,
+    or a state file without the keys a resume needs, raises :class:`visattn.hub.CheckpointError` naming
+    the file."""
+    from ..hub import CheckpointError
+
+    prefix = checkpoint_prefix(prefix)
+    model_path, state_path = Path(prefix + ".safetensors"), Path(prefix + ".state.pt")
+    if not model_path.is_file():
+        raise CheckpointError(f"checkpoint file {str(model_path)!r} does not exist")
+    try:
+        # load_file checks the header and that the tensors cover the whole file: truncation is caught.
+        tensors = load_file(str(model_path))
+    except Exception as err:  # noqa: BLE001 - safetensors' own error type carries no file name
+        raise CheckpointError(
+            f"checkpoint file {str(model_path)!r} is damaged or truncated ({err}); delete it or pass another"
+        ) from err
+    if not state_path.is_file():
+        if require_state:
+            raise CheckpointError(
+                f"checkpoint {prefix!r} has no training state file {str(state_path)!r} (a save interrupted "
+                "between its two files, or weights only): it cannot be resumed"
+            )
+        return tensors, {}
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - truncated zips fail as OSError, RuntimeError or EOFError
+        raise CheckpointError(
+            f"checkpoint file {str(state_path)!r} is damaged or truncated ({type(err).__name__}: {err}); "
+            "delete it or pass another"
+        ) from err
+    if require_state:
+        missing = [k for k in RESUME_STATE_KEYS if not isinstance(state, dict) or k not in state]
+        if missing:
+            raise CheckpointError(
+                f"checkpoint file {str(state_path)!r} lacks the training state {missing}: it cannot be resumed"
+            )
+    return tensors, state
+
+
 def load_checkpoint(prefix: str | os.PathLike, model: torch.nn.Module | None = None) -> dict[str, Any]:
     """Load ``<prefix>.safetensors`` into ``model`` (strict) and return the state dict of
-    ``<prefix>.state.pt`` (empty when absent); ``prefix`` may also be the .safetensors path."""
-    prefix = str(prefix)
-    if prefix.endswith(".safetensors"):
-        prefix = prefix[: -len(".safetensors")]
-    model_path = Path(prefix + ".safetensors")
-    if not model_path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(model_path)!r} does not exist")
+    ``<prefix>.state.pt`` (empty when absent); ``prefix`` may also be the .safetensors path. A damaged
+    file raises :class:`visattn.hub.CheckpointError` naming it (:func:`read_checkpoint`)."""
+    tensors, state = read_checkpoint(prefix)
     if model is not None:
-        model.load_state_dict(load_file(str(model_path)), strict=True)
-    state_path = Path(prefix + ".state.pt")
-    return torch.load(state_path, map_location="cpu", weights_only=True) if state_path.is_file() else {}
+        from ..models.convert import load_state_dict_strict
+
+        load_state_dict_strict(model, tensors, source=checkpoint_prefix(prefix) + ".safetensors")
+    return state
+
+
+def checkpoint_iteration(prefix: str | os.PathLike) -> int | None:
+    """The iteration in a checkpoint's name (``iter_300`` -> 300), or None for another name."""
+    m = _ITER_NAME.fullmatch(Path(checkpoint_prefix(prefix)).name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_candidates(work_dir: str | os.PathLike) -> list[str]:
+    """The checkpoint prefixes of ``work_dir``, newest first: the one ``latest`` names, then every
+    ``iter_<n>`` (weights or state file present) by decreasing ``n``."""
+    work_dir = Path(work_dir)
+    found: dict[str, int] = {}
+    if work_dir.is_dir():
+        for f in work_dir.iterdir():
+            prefix = checkpoint_prefix(f.name)
+            n = checkpoint_iteration(prefix)
+            if n is not None and prefix != f.name:
+                found[str(work_dir / prefix)] = n
+    ordered = sorted(found, key=lambda p: -found[p])
+    pointed = latest_checkpoint(work_dir)
+    if pointed is not None:
+        ordered = [pointed] + [p for p in ordered if p != pointed]
+    return ordered
+
+
+def find_intact_checkpoint(
+    work_dir: str | os.PathLike, *, require_state: bool = True
+) -> tuple[str, dict[str, torch.Tensor], dict[str, Any], list[str]] | None:
+    """The newest checkpoint of ``work_dir`` that reads completely (:func:`checkpoint_candidates`,
+    :func:`read_checkpoint`): ``(prefix, tensors, state, problems)``, where ``problems`` names each newer
+    checkpoint skipped and why. None when the folder has no checkpoint; CheckpointError naming every
+    file when none reads."""
+    from ..hub import CheckpointError
+
+    problems: list[str] = []
+    candidates = checkpoint_candidates(work_dir)
+    for prefix in candidates:
+        try:
+            tensors, state = read_checkpoint(prefix, require_state=require_state)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        return prefix, tensors, state, problems
+    if not candidates:
+        return None
+    raise CheckpointError(
+        f"no intact checkpoint in {str(work_dir)!r}: " + "; ".join(problems) + ". Start a new run instead"
+    )
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:

@@ -4,6 +4,11 @@ Sampling is a pure function of ``(seed, iteration)``: the global batch of iterat
 positions ``it * B .. (it + 1) * B - 1`` of a stream of per-epoch permutations, each process taking its
 slice of every accumulation step, and each sample's augmentation is seeded by its stream position. So
 a resumed run, or a run with another process count and the same global batch, sees the same data.
+
+Nothing is lost: a fresh run refuses a work dir that holds a run (:class:`RunExistsError`; ``replace=True``
+moves the old files aside), ``resume`` checks the checkpoint, the config and the state dict before
+anything on disk changes (:class:`ResumeError`) and falls back past a damaged newest checkpoint, and
+SIGINT / SIGTERM stop after the current iteration with a checkpoint saved (:class:`TrainingInterrupted`).
 """
 
 from __future__ import annotations
@@ -11,7 +16,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +28,69 @@ import torch.nn as nn
 import yaml
 
 from ..data import build_dataset, build_train_transform, build_val_transform
+from ..errors import VisattnError
 from ..models.segmentor import build_segmentor
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    atomic_write_text,
+    checkpoint_iteration,
+    checkpoint_prefix,
+    find_intact_checkpoint,
+    latest_checkpoint,
+    read_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .dist import barrier, get_rank, get_world_size, init_distributed, is_main
 from .evaluate import evaluate, format_table
 
-__all__ = ["PolyLR", "SampleStream", "train"]
+__all__ = [
+    "RESUME_MAY_CHANGE",
+    "PolyLR",
+    "ResumeError",
+    "ResumeFallbackWarning",
+    "RunExistsError",
+    "SampleStream",
+    "TrainingInterrupted",
+    "train",
+]
+
+# Config keys that may differ between a run and its resume: they change how a run is watched, saved or
+# executed, never the sequence of weights it computes (train.iters is not here: it reshapes the schedule).
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "train.work_dir",
+        "train.device",
+        "train.log_interval",
+        "train.ckpt_interval",
+        "train.eval_interval",
+        "train.tensorboard",
+        "data.num_workers",
+    }
+)
+# What a run writes into its work dir besides its iter_<n> checkpoints: any of them means "a run is here".
+RUN_FILES = ("config.yaml", "latest", "log.jsonl", "eval.json", "curves.png", "tb")
+
+
+class RunExistsError(VisattnError):
+    """A fresh run was started in a work dir that already holds a run; nothing was changed."""
+
+
+class ResumeError(VisattnError):
+    """A resume that cannot continue (no checkpoint, another config, another model); nothing was changed."""
+
+
+class ResumeFallbackWarning(UserWarning):
+    """The newest checkpoint was damaged and an older intact one is resumed instead."""
+
+
+class TrainingInterrupted(VisattnError):
+    """SIGINT or SIGTERM stopped training after a checkpoint was saved; ``exit_code`` is 128 + signal
+    number (130, 143) and ``checkpoint`` the saved prefix."""
+
+    def __init__(self, message: str, *, exit_code: int, checkpoint: str | None) -> None:
+        super().__init__(message)
+        self.exit_code, self.checkpoint = exit_code, checkpoint
 
 
 class PolyLR:
@@ -135,19 +200,36 @@ class _Logger:
 
 
 def train(
-    cfg: dict[str, Any], *, resume: str | bool | None = None, progress: bool = True, plot: bool = False
+    cfg: dict[str, Any],
+    *,
+    resume: str | bool | None = None,
+    progress: bool = True,
+    plot: bool = False,
+    replace: bool = False,
 ):
     """Train from a validated config (:func:`visattn.engine.config.load_config`); returns the final
-    metrics (mIoU, aAcc, mAcc, per-class IoU, train_time_s). ``resume=True``: the latest checkpoint of
-    ``train.work_dir``; a string: that checkpoint prefix."""
+    metrics (mIoU, aAcc, mAcc, per-class IoU, train_time_s).
+
+    ``resume=True``: continue from the newest intact checkpoint of ``train.work_dir`` (a damaged newer
+    one is skipped with a :class:`ResumeFallbackWarning`); a string: that checkpoint (prefix, its
+    .safetensors or .state.pt file, or a work dir). The config must equal the run's saved config.yaml
+    except for :data:`RESUME_MAY_CHANGE`, else :class:`ResumeError` before anything is written.
+
+    Without ``resume`` a work dir that already holds a run raises :class:`RunExistsError`; with
+    ``replace=True`` that run's files are moved to a sibling folder ``<work_dir>.replaced-<UTC time>``.
+
+    SIGINT / SIGTERM (handlers installed for the duration of the training loop) finish the current
+    iteration, save a checkpoint and raise :class:`TrainingInterrupted`."""
+    if resume and replace:
+        raise ValueError("train: pass either resume (continue the run) or replace (move it aside), not both")
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(cfg, resume=resume, progress=progress, plot=plot)
+        return _train(cfg, resume=resume, progress=progress, plot=plot, replace=replace)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, plot: bool):
+def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, plot: bool, replace: bool):
     t_cfg = cfg["train"]
     init_distributed(t_cfg["device"] or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = get_rank(), get_world_size()
@@ -164,10 +246,10 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
         )
     local_bs = per_step // world
     work_dir = Path(t_cfg["work_dir"])
-    if is_main():
-        work_dir.mkdir(parents=True, exist_ok=True)
-        (work_dir / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    barrier()
+    # Every check below only reads; the first write comes after the barrier that ends them.
+    existing = [] if resume else _run_files(work_dir)
+    if existing and not replace:
+        raise RunExistsError(_run_exists_message(work_dir, existing))
 
     torch.manual_seed(t_cfg["seed"])  # model init: identical in every process
     model = build_segmentor(cfg["model"]).to(device)
@@ -182,16 +264,44 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
 
     start = 0
     if resume:
-        prefix = latest_checkpoint(work_dir) if resume is True else str(resume)
-        if prefix is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {str(work_dir)!r}")
-        state = load_checkpoint(prefix, model)
-        optimizer.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        prefix, tensors, state = _find_resume(resume, work_dir)
+        start = _check_resume(cfg, work_dir, prefix, tensors, state, model)
+        finished = _finished_metrics(work_dir) if start >= t_cfg["iters"] else None
+        if finished is not None:
+            if is_main():
+                print(
+                    f"visattn train: the run in {work_dir} already finished {start} iterations: nothing to do"
+                )
+                print(format_table(finished))
+            barrier()
+            return finished
+        try:
+            # Into memory only: a state that does not fit fails here, before anything on disk changes.
+            model.load_state_dict(tensors, strict=True)
+            optimizer.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"]) if state.get("scaler") else None
+        except (KeyError, TypeError, ValueError, RuntimeError) as err:
+            raise ResumeError(
+                f"--resume: the training state in {prefix}.state.pt does not fit this run's optimiser or "
+                f"scheduler ({type(err).__name__}: {err}); nothing was changed"
+            ) from None
         rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
         set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])  # another process count: rank 0's
-        start = int(state["iteration"])
+        del tensors
+
+    barrier()  # every process has passed its checks: only now does the work dir change
+    if is_main():
+        if existing:
+            moved = _move_aside(work_dir, existing)
+            print(
+                f"visattn train: moved the previous run's files from {work_dir} to {moved}", file=sys.stderr
+            )
+        work_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        if resume:
+            _truncate_log(work_dir / "log.jsonl", start)
+    barrier()
     net: nn.Module = model
     if world > 1:
         if t_cfg["sync_bn"] and device.startswith("cuda"):
@@ -203,6 +313,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
             net, device_ids=[device] if device.startswith("cuda") else None
         )
     crash_at = int(os.environ.get("VISATTN_CRASH_AT_ITER", "-1"))  # test hook: SIGKILL mid-run
+    signal_at, signal_num = _signal_hook()  # test hook: SIGINT/SIGTERM in the middle of an iteration
     logger = _Logger(work_dir, t_cfg["tensorboard"]) if is_main() else None
     bar = None
     if progress and is_main():
@@ -227,6 +338,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
             # Its own generator: creating the iterator would otherwise draw from the global RNG (dropout),
             # shifting it after a resume.
             generator=torch.Generator().manual_seed(t_cfg["seed"]),
+            worker_init_fn=_ignore_stop_signals if num_workers else None,
         )
     )
 
@@ -239,63 +351,83 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
 
     set_train()
     t0, metrics = time.time(), {}
-    for it in range(start, t_cfg["iters"]):
-        sched.step_to(it)
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum, parts_sum = 0.0, {}
-        for step in range(t_cfg["accum_steps"]):
-            images, masks = (t.to(device, non_blocking=True) for t in next(loader))
-            sync = step == t_cfg["accum_steps"] - 1 or world == 1
-            ctx = net.no_sync() if not sync else _null()
-            with ctx:
-                with torch.autocast(
-                    "cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16, enabled=amp is not None
-                ):
-                    outputs = net(images)
-                    loss, parts = model.loss(outputs, masks, ignore_index=t_cfg["ignore_index"])
-                scaler.scale(loss / t_cfg["accum_steps"]).backward()
-            loss_sum += loss.item() / t_cfg["accum_steps"]
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / t_cfg["accum_steps"]
-        if t_cfg["grad_clip"]:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        done = it + 1
-        lr = optimizer.param_groups[0]["lr"]
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
-        if logger is not None and (done % t_cfg["log_interval"] == 0 or done == t_cfg["iters"]):
-            logger.log(
-                {
-                    "iter": done,
-                    "loss": loss_sum,
-                    **{f"loss_{k}": v for k, v in parts_sum.items()},
-                    "lr": lr,
-                    "time": round(time.time() - t0, 3),
-                }
-            )
-        if done % t_cfg["ckpt_interval"] == 0 or done == t_cfg["iters"]:
-            sched.iteration = done
-            _save(work_dir, model, optimizer, sched, scaler, done, f"iter_{done}")
-        if done == crash_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-        if t_cfg["eval_interval"] and done % t_cfg["eval_interval"] == 0 and done != t_cfg["iters"]:
-            metrics = evaluate(
-                model,
-                val_set,
-                num_classes=cfg["data"]["num_classes"],
-                eval_cfg=cfg["eval"],
-                ignore_index=t_cfg["ignore_index"],
-                device=device,
-            )
-            if logger is not None:
-                logger.log({"iter": done, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]})
-            set_train()
+    saved_at = start
+    stop_code = 0
+    with _StopSignals(single_process=world == 1) as stop:
+        for it in range(start, t_cfg["iters"]):
+            sched.step_to(it)
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum, parts_sum = 0.0, {}
+            for step in range(t_cfg["accum_steps"]):
+                images, masks = (t.to(device, non_blocking=True) for t in next(loader))
+                sync = step == t_cfg["accum_steps"] - 1 or world == 1
+                ctx = net.no_sync() if not sync else _null()
+                with ctx:
+                    with torch.autocast(
+                        "cuda",
+                        dtype=torch.bfloat16 if amp == "bf16" else torch.float16,
+                        enabled=amp is not None,
+                    ):
+                        outputs = net(images)
+                        loss, parts = model.loss(outputs, masks, ignore_index=t_cfg["ignore_index"])
+                    scaler.scale(loss / t_cfg["accum_steps"]).backward()
+                if it + 1 == signal_at and step == 0 and is_main():
+                    os.kill(os.getpid(), signal_num)  # mid-iteration, so the deferral is what gets tested
+                loss_sum += loss.item() / t_cfg["accum_steps"]
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + v.item() / t_cfg["accum_steps"]
+            if t_cfg["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t_cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            done = it + 1
+            lr = optimizer.param_groups[0]["lr"]
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{lr:.2e}")
+            if logger is not None and (done % t_cfg["log_interval"] == 0 or done == t_cfg["iters"]):
+                logger.log(
+                    {
+                        "iter": done,
+                        "loss": loss_sum,
+                        **{f"loss_{k}": v for k, v in parts_sum.items()},
+                        "lr": lr,
+                        "time": round(time.time() - t0, 3),
+                    }
+                )
+            if done % t_cfg["ckpt_interval"] == 0 or done == t_cfg["iters"]:
+                sched.iteration = done
+                _save(work_dir, model, optimizer, sched, scaler, done, f"iter_{done}")
+                saved_at = done
+            if done == crash_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            # Every process stops at the same iteration, whichever of them got the signal.
+            stop_code = _agree_on_stop(stop.exit_code, device)
+            if stop_code:
+                break
+            if t_cfg["eval_interval"] and done % t_cfg["eval_interval"] == 0 and done != t_cfg["iters"]:
+                metrics = evaluate(
+                    model,
+                    val_set,
+                    num_classes=cfg["data"]["num_classes"],
+                    eval_cfg=cfg["eval"],
+                    ignore_index=t_cfg["ignore_index"],
+                    device=device,
+                )
+                if logger is not None:
+                    logger.log({"iter": done, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]})
+                set_train()
+        if stop_code:
+            if saved_at != done:
+                sched.iteration = done
+                _save(work_dir, model, optimizer, sched, scaler, done, f"iter_{done}")
+    # The handlers are restored here: a signal during the final evaluation stops at once, as the
+    # last checkpoint is already on disk and a resume redoes only the evaluation.
     if bar is not None:
         bar.close()
+    if stop_code:
+        raise _interrupted(stop_code, work_dir / f"iter_{done}", done, t_cfg["iters"])
     metrics = evaluate(
         model,
         val_set,
@@ -333,6 +465,277 @@ def _save(work_dir, model, optimizer, sched, scaler, it: int, name: str) -> None
         }
         save_checkpoint(work_dir, model, state, name)
     barrier()
+
+
+def _run_files(work_dir: Path) -> list[Path]:
+    """The files and folders of a run in ``work_dir`` (empty when there is none)."""
+    if not work_dir.is_dir():
+        return []
+    found = [work_dir / name for name in RUN_FILES if (work_dir / name).exists()]
+    found += sorted(
+        f
+        for f in work_dir.iterdir()
+        if checkpoint_prefix(f.name) != f.name and checkpoint_iteration(f.name) is not None
+    )
+    return found
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _saved_iters(work_dir: Path) -> int | None:
+    try:
+        saved = yaml.safe_load((work_dir / "config.yaml").read_text())
+        return int(saved["train"]["iters"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
+        return None
+
+
+def _run_exists_message(work_dir: Path, files: list[Path]) -> str:
+    latest = latest_checkpoint(work_dir) if (work_dir / "latest").is_file() else None
+    iterations = [checkpoint_iteration(f.name) for f in files]
+    newest = (
+        checkpoint_iteration(latest)
+        if latest
+        else max((n for n in iterations if n is not None), default=None)
+    )
+    total = _saved_iters(work_dir)
+    of = f" of {total}" if total else ""
+    result = _read_json(work_dir / "eval.json")
+    if isinstance(result, dict) and isinstance(result.get("mIoU"), (int, float)):
+        at = f"iteration {newest}{of}, " if newest is not None else ""
+        what = f"a finished run ({at}mIoU {result['mIoU']:.2f} in eval.json)"
+        resume = "--resume only re-reports a finished run"
+    elif newest is not None:
+        what = f"an unfinished run (latest checkpoint: iteration {newest}{of})"
+        resume = "continue it with --resume"
+    else:
+        what = f"an unfinished run without a checkpoint ({', '.join(f.name for f in files)})"
+        resume = "--resume needs a checkpoint, which it lacks"
+    return (
+        f"train.work_dir {str(work_dir)!r} already holds {what}; nothing was changed. {resume[0].upper()}"
+        f"{resume[1:]}; or train into another folder with --work-dir DIR (--set train.work_dir=DIR); or pass "
+        f"--replace (train(..., replace=True)) to move its files to {work_dir.name}.replaced-<UTC time> "
+        "beside it and start anew here"
+    )
+
+
+def _move_aside(work_dir: Path, files: list[Path]) -> Path:
+    """Move a run's files into a new sibling folder ``<work_dir>.replaced-<UTC time>``; returns it."""
+    base = work_dir.resolve()
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    dest, n = base.with_name(f"{base.name}.replaced-{stamp}"), 1
+    while dest.exists():  # two replacements within one second keep both old runs
+        dest, n = base.with_name(f"{base.name}.replaced-{stamp}-{n}"), n + 1
+    dest.mkdir()
+    for f in files:
+        os.replace(f, dest / f.name)  # same file system: a rename, nothing copied or lost midway
+    return dest
+
+
+def _find_resume(resume: str | bool, work_dir: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
+    """The checkpoint to resume (prefix, tensors, state), read completely. A folder (``resume=True``: the
+    work dir) falls back past damaged newer checkpoints with a warning; a named checkpoint must read."""
+    folder = work_dir if resume is True else Path(os.fspath(resume)).expanduser()
+    if folder.is_dir():
+        found = find_intact_checkpoint(folder)
+        if found is None:
+            raise ResumeError(
+                f"--resume: no checkpoint (iter_<n>.safetensors + .state.pt) in {str(folder)!r}; start "
+                "without --resume, or pass the checkpoint to continue"
+            )
+        prefix, tensors, state, problems = found
+        if problems:
+            warnings.warn(
+                f"--resume: skipped {len(problems)} damaged checkpoint(s) ({'; '.join(problems)}); "
+                f"resuming from {prefix} (iteration {state['iteration']})",
+                ResumeFallbackWarning,
+                stacklevel=3,
+            )
+        return prefix, tensors, state
+    text = os.fspath(resume)
+    if not text.endswith((".safetensors", ".state.pt")) and Path(text).is_file():
+        raise ResumeError(
+            f"--resume {text!r}: not a visattn training checkpoint; give a prefix such as "
+            "runs/x/iter_300 (its .safetensors and .state.pt files) or a work dir"
+        )
+    tensors, state = read_checkpoint(text, require_state=True)
+    return checkpoint_prefix(text), tensors, state
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _may_change(key: str) -> bool:
+    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
+
+
+def _config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key.path: old -> new`` for every key that differs and may not change on resume."""
+    a, b = _flatten(saved), _flatten(new)
+    absent = "(absent)"
+    return [
+        f"{k}: {a.get(k, absent)!r} -> {b.get(k, absent)!r}"
+        for k in sorted(set(a) | set(b))
+        if not _may_change(k) and a.get(k, absent) != b.get(k, absent)
+    ]
+
+
+def _check_resume(cfg, work_dir: Path, prefix: str, tensors, state, model: nn.Module) -> int:
+    """Check a resume before anything is written: the config against the run's saved config.yaml (that
+    of the checkpoint's folder and of the work dir), the weights against the model. Returns the start
+    iteration."""
+    from .config import ConfigError, validate_config
+
+    for path in dict.fromkeys(
+        p.resolve() for p in (Path(prefix).parent / "config.yaml", work_dir / "config.yaml")
+    ):
+        if not path.is_file():
+            continue
+        try:
+            saved = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as err:
+            raise ResumeError(
+                f"--resume: cannot read the run's config {path} ({err}); nothing was changed"
+            ) from None
+        if not isinstance(saved, dict):
+            raise ResumeError(f"--resume: the run's config {path} is not a mapping; nothing was changed")
+        try:
+            # Defaults added since the run was saved are filled in, so only real differences remain.
+            saved = validate_config(saved, check_paths=False)
+        except ConfigError:
+            pass
+        diffs = _config_differences(saved, cfg)
+        if diffs:
+            raise ResumeError(
+                f"--resume: the config differs from the run's {path} in {len(diffs)} key(s): "
+                f"{'; '.join(diffs)}. Only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume; "
+                "resume with the saved config, or start a new run in another --work-dir. Nothing was changed"
+            )
+    from ..models.convert import load_state_dict_strict
+
+    try:
+        load_state_dict_strict(model, tensors, source=f"{prefix}.safetensors", load=False)
+    except ValueError as err:
+        raise ResumeError(f"--resume: {err} Nothing was changed") from None
+    start = state["iteration"]
+    total = cfg["train"]["iters"]
+    if not isinstance(start, int) or not 0 <= start <= total:
+        raise ResumeError(
+            f"--resume: {prefix}.state.pt is at iteration {start!r}, outside this run's 0..{total} "
+            "(train.iters); nothing was changed"
+        )
+    return start
+
+
+def _finished_metrics(work_dir: Path) -> dict[str, Any] | None:
+    result = _read_json(work_dir / "eval.json")
+    return result if isinstance(result, dict) and "mIoU" in result and "IoU" in result else None
+
+
+def _truncate_log(path: Path, start: int) -> None:
+    """Drop the log entries past iteration ``start`` (written by the run that died after the checkpoint),
+    and any line it left half-written, so the resumed log continues without repeating iterations."""
+    if not path.is_file():
+        return
+    keep, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        it = record.get("iter") if isinstance(record, dict) else None
+        if isinstance(it, int) and it <= start:
+            keep.append(line + "\n")
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(keep))
+
+
+def _signal_hook() -> tuple[int, int]:
+    """``VISATTN_SIGNAL_AT_ITER="3:INT"`` (or ``3:TERM``): the test hook that signals this process in the
+    middle of iteration 3; (-1, 0) when unset."""
+    text = os.environ.get("VISATTN_SIGNAL_AT_ITER", "").strip()
+    if not text:
+        return -1, 0
+    it, _, name = text.partition(":")
+    if not it.isdigit() or name not in ("INT", "TERM"):
+        raise ValueError(f"VISATTN_SIGNAL_AT_ITER must look like 3:INT or 3:TERM, got {text!r}")
+    return int(it), int(getattr(signal, "SIG" + name))
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    # A Ctrl-C reaches the whole process group: data workers must not die under the main process, which
+    # still needs them to finish the iteration it then saves; they exit when it does.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class _StopSignals:
+    """SIGINT / SIGTERM handlers for the training loop: the first signal only records a request to stop
+    (``exit_code`` 128 + signal number) so the loop can finish its iteration and save; a second SIGINT in a
+    single process stops at once (KeyboardInterrupt). Previous handlers come back on exit. Outside the
+    main thread, where Python allows no handlers, nothing is installed."""
+
+    def __init__(self, *, single_process: bool) -> None:
+        self.single_process = single_process
+        self.exit_code = 0
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.exit_code and signum == signal.SIGINT and self.single_process:
+            raise KeyboardInterrupt
+        if not self.exit_code:
+            self.exit_code = 128 + signum
+            if is_main():
+                print(
+                    f"\nvisattn train: {signal.Signals(signum).name} received: stopping after this iteration "
+                    "to save a checkpoint"
+                    + (" (Ctrl-C again: stop now, unsaved)" if self.single_process else ""),
+                    file=sys.stderr,
+                )
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _agree_on_stop(code: int, device: str) -> int:
+    """The stop request of any process, so that every process stops after the same iteration."""
+    if get_world_size() == 1:
+        return code
+    flag = torch.tensor([code], dtype=torch.int64, device=device if device.startswith("cuda") else "cpu")
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def _interrupted(code: int, prefix: Path, done: int, total: int) -> TrainingInterrupted:
+    name = signal.Signals(code - 128).name
+    message = (
+        f"stopped by {name} after iteration {done} of {total}; checkpoint saved to {prefix} "
+        "(resume: the same command with --resume)"
+    )
+    if is_main():
+        print(f"visattn train: {message}", file=sys.stderr)
+    return TrainingInterrupted(message, exit_code=code, checkpoint=str(prefix))
 
 
 class _null:
