@@ -46,10 +46,24 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = _load(args)
     if cfg is None:
         return 2
-    from .trainer import train
+    import warnings
+
+    from .trainer import TrainingInterrupted, train
 
     resume = True if args.resume == "auto" else args.resume
-    train(cfg, resume=resume, progress=not args.no_progress, plot=args.plot)
+    if resume and args.replace:
+        raise ValueError("--resume continues the run in the work dir and --replace moves it aside: pass one")
+
+    def one_line(message, category, *_args, **_kwargs) -> None:
+        # A warning (a skipped damaged checkpoint, ...) reads as one line, like the errors.
+        print(f"visattn train: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = one_line
+        try:
+            train(cfg, resume=resume, progress=not args.no_progress, plot=args.plot, replace=args.replace)
+        except TrainingInterrupted as stop:
+            return stop.exit_code  # the trainer already said where it saved and how to resume
     return 0
 
 
@@ -117,7 +131,13 @@ def add_train_test_parsers(subparsers) -> tuple[argparse.ArgumentParser, argpars
         nargs="?",
         const="auto",
         default=None,
-        help="resume from the latest checkpoint of train.work_dir, or from the given prefix",
+        help="resume from the newest intact checkpoint of train.work_dir, or from the given checkpoint "
+        "(prefix, .safetensors/.state.pt file or work dir); the config must match the run's config.yaml",
+    )
+    tr.add_argument(
+        "--replace",
+        action="store_true",
+        help="the work dir holds a run: move its files to <work_dir>.replaced-<UTC time> and start anew",
     )
     tr.add_argument("--plot", action="store_true", help="write curves.png (loss, mIoU) at the end")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -128,6 +128,9 @@ def evaluate(
     model.train(was_training)
     metrics = metrics_from_confusion(conf.cpu(), class_names)
     if out_json and is_main():
+        from .checkpoint import atomic_write_text
+
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(metrics, indent=2) + "\n")
+        # Atomic: a run killed while writing keeps its previous result file, never a truncated one.
+        atomic_write_text(out_json, json.dumps(metrics, indent=2) + "\n")
     return metrics
