@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -85,6 +86,11 @@ class Segmentor(nn.Module):
         auxiliary_head: head on the feature map before it, used in training only (or None).
         aux_weight: loss weight of the auxiliary head (mmseg: 0.4).
         config: the resolved config it was built from (kept for reproducibility and the zoo data info).
+
+    Attributes:
+        random_weights: set by :func:`create_segmentor` for a zoo model built without its checkpoint;
+            :meth:`predict` then warns once that the predictions come from random weights. Loading a state
+            dict clears it; set it to False yourself after training the model in your own loop.
     """
 
     def __init__(
@@ -105,6 +111,10 @@ class Segmentor(nn.Module):
         data = dict(DATA_KEYS)
         data.update(self.config.get("data") or {})
         self.data_cfg = data
+        self.random_weights = False
+        # A hook, not a load_state_dict override: it also runs when the segmentor is loaded as a
+        # submodule (DDP, EMA wrappers). A plain function, so a deep copy's hook acts on the copy.
+        self.register_load_state_dict_post_hook(_weights_loaded)
 
     @property
     def num_classes(self) -> int:
@@ -135,7 +145,12 @@ class Segmentor(nn.Module):
 
     @staticmethod
     def _resize(logits: torch.Tensor, size) -> torch.Tensor:
-        if tuple(logits.shape[-2:]) == tuple(size):
+        from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+        # Under torch.export the sizes are symbols: asking whether they are equal would become a guard
+        # the exporter cannot prove for every H, W, so it only skips the resize when that is known;
+        # interpolating to the same size is exact anyway.
+        if all(statically_known_true(a == b) for a, b in zip(logits.shape[-2:], size)):
             return logits
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
@@ -254,6 +269,7 @@ class Segmentor(nn.Module):
                 )
                 for im in image
             ]
+        self._warn_if_random()
         was_training = self.training
         self.eval()
         try:
@@ -267,6 +283,25 @@ class Segmentor(nn.Module):
         finally:
             self.train(was_training)
         return logits if return_logits else logits.argmax(dim=0)
+
+    def _warn_if_random(self) -> None:
+        if not self.random_weights or getattr(self, "_random_weights_warned", False):
+            return
+        self._random_weights_warned = True  # once per model: a loop over images should not repeat it
+        name = self.config.get("name") or "this segmentor"
+        warnings.warn(
+            f"{name} has random weights (built without pretrained=True or checkpoint_path=), so its "
+            f"predictions are meaningless. Load weights: visattn.create_segmentor({name!r}, pretrained=True), "
+            "checkpoint_path='/path/to/checkpoint', or visattn.engine.checkpoint.load_weights(model, path) "
+            "(on the command line: --checkpoint PATH).",
+            UserWarning,
+            stacklevel=4,  # past predict and torch.no_grad's wrapper: the caller's line
+        )
+
+
+def _weights_loaded(module: Segmentor, incompatible_keys) -> None:
+    """load_state_dict post-hook: weights came from somewhere, so the random-weights warning is moot."""
+    module.random_weights = False
 
 
 def _image_to_tensor(image: Any) -> torch.Tensor:
@@ -455,4 +490,7 @@ def create_segmentor(
     model = build_segmentor(cfg)
     if path is not None:
         hub.load_pretrained(model, None, checkpoint_path=path)
+    else:
+        # Only a zoo name promises trained weights; a config dict or YAML is a fresh model by intent.
+        model.random_weights = cfg.get("name") in hub.list_pretrained()
     return model
