@@ -143,39 +143,47 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    import torch
-
     from . import export
 
-    try:
-        module = export.build_exportable(args.name, channels=args.channels, attn=args.attn)
-    except (export.NotExportableError, ValueError) as err:
-        print(f"visattn: {err}", file=sys.stderr)
-        return 2
-    h, w = _parse_sizes(args.size)[0]
-    is_block = args.name in registry.list_attns()
-    x = torch.randn(args.batch, args.channels if is_block else 3, h, w)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    dynamic = not args.static
-    if dynamic and not export.dynamic_hw_supported(args.name, args.attn):
-        block = args.name if args.name in registry.list_attns() else args.attn
+    if args.size is not None:
+        (h, w), *more = _parse_sizes(args.size)
+        if more:
+            raise ValueError(f"--size takes one H[xW], got {args.size!r}")
+    exp = export.resolve_exportable(
+        args.name,
+        channels=args.channels,
+        attn=args.attn,
+        checkpoint=args.checkpoint,
+        random_weights=args.random_weights,
+    )
+    if args.size is None:
+        # Blocks: a small map; models: one a network's strides leave more than one pixel of.
+        h, w = (16, 20) if exp.kind == "block" else (64, 128)
+    if exp.weights is not None:
+        print(f"weights: {exp.weights}")
+    elif exp.kind == "block":
+        print(f"weights: {args.name} at its initialisation (a block has no trained weights of its own)")
+    else:
         print(
-            f"visattn: exporting at the fixed size {h}x{w}: {registry.attn_info(block).export_note}",
+            "note: random weights (--random-weights): the file holds the architecture with untrained weights; "
+            "its outputs mean nothing until trained weights are exported (--checkpoint PATH)",
             file=sys.stderr,
         )
-        dynamic = False
-    if args.format == "onnx":
-        export.export_onnx(module, x, out, dynamic=dynamic)
-        try:
-            err = export.onnx_max_error(out, module, x)
-            print(f"wrote {out} (onnxruntime max abs error vs eager: {err:.2e})")
-        except ImportError:
-            print(f"wrote {out} (onnxruntime not installed: parity not checked)")
+    report = export.export_to_file(
+        exp, args.output, size=(h, w), batch=args.batch, dynamic=not args.static, fmt=args.format
+    )
+    for note in report.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if report.dynamic:
+        shape = f"dynamic H, W (>= {report.min_hw}, traced at {h}x{w})"
     else:
-        program = export.export_program(module, x, dynamic=dynamic)
-        torch.export.save(program, str(out))
-        print(f"wrote {out}")
+        shape = f"fixed size {h}x{w}"
+    kind = "ONNX" if report.format == "onnx" else "torch.export program"
+    print(f"wrote {report.path} ({kind}, {shape})")
+    if report.max_errors:
+        checker = "onnxruntime" if report.format == "onnx" else "the exported program"
+        at = ", ".join(f"{e:.2e} at {a}x{b}" for e, (a, b) in zip(report.max_errors, report.sizes))
+        print(f"parity ({checker} vs eager) on {report.checked_on}: max abs error {at}")
     return 0
 
 
@@ -234,15 +242,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("export", help="export a block, a timm model or a segmentor to ONNX or torch.export")
-    p.add_argument("name", help="block name, timm model name (e.g. visattn_resnet50_ccnet) or segmentor name")
+    p = sub.add_parser(
+        "export",
+        help="export a block, a timm model or a segmentor (zoo name, config or checkpoint) to ONNX or torch.export",
+    )
+    p.add_argument(
+        "name",
+        help="block name; zoo segmentor (its pretrained weights); timm model name; segmentor config YAML "
+        "(with --checkpoint); or a checkpoint (prefix, .safetensors, work dir, .pth) whose run config.yaml "
+        "lies beside it",
+    )
     p.add_argument("--format", choices=["onnx", "export"], default="onnx")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--size", default="16x20", help="example H[xW]")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--channels", type=int, default=32, help="block channels (blocks only)")
+    p.add_argument("-o", "--output", required=True, type=writable_file)
+    p.add_argument("--size", help="example H[xW] (default: 16x20 for a block, 64x128 for a model)")
+    p.add_argument("--batch", type=positive_int, default=2)
+    p.add_argument("--channels", type=positive_int, default=32, help="block channels (blocks only)")
     p.add_argument("--attn", help="block to insert into a plain timm model")
-    p.add_argument("--static", action="store_true", help="static H and W (default: dynamic)")
+    p.add_argument(
+        "--checkpoint",
+        help="weights to export: a checkpoint prefix (runs/x/iter_300), its .safetensors, a work dir (its "
+        "latest) or a .pth/.safetensors file (visattn or mmseg layout); for a zoo name instead of downloading",
+    )
+    p.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="export a model (not a block) with random weights: the graph only, for deployment tests",
+    )
+    p.add_argument(
+        "--static", action="store_true", help="static H and W (default: dynamic where the model allows)"
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("support", help="run the deployment checks and write docs/support.md")

@@ -1,17 +1,23 @@
 """Deployment checks: torch.compile, torch.export and ONNX (dynamo exporter) with onnxruntime parity.
 
 ``support_row`` runs every check on one block and is what generates docs/support.md, so the
-support matrix is measured, never written by hand.
+support matrix is measured, never written by hand. ``resolve_exportable`` and ``export_to_file`` are
+``visattn export``: a block, a timm model, a zoo segmentor with its pretrained weights, a segmentor config
+with a checkpoint, or a checkpoint, exported with dynamic H, W where the model allows, checked with
+onnxruntime before the file is put in place.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import io
+import os
 import re
 import tempfile
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +37,13 @@ __all__ = [
     "NotExportableError",
     "dynamic_hw_supported",
     "ONNX_TOL",
+    "Exportable",
+    "ExportReport",
+    "ExportMismatchError",
+    "export_to_file",
+    "min_input_size",
+    "perturbed",
+    "resolve_exportable",
 ]
 
 EXAMPLE_SHAPE = (2, 32, 16, 20)
@@ -41,27 +54,68 @@ class NotExportableError(VisattnError, RuntimeError):
     """The block's method cannot be exported (its AttnInfo says so)."""
 
 
-def _dynamic_hw(x: torch.Tensor) -> dict:
-    h = torch.export.Dim("height", min=1, max=4096)
-    w = torch.export.Dim("width", min=1, max=4096)
-    return {"x": {2: h, 3: w}}
+class ExportMismatchError(VisattnError, RuntimeError):
+    """The exported graph disagrees with eager PyTorch (nothing was written)."""
 
 
-def export_program(module: torch.nn.Module, x: torch.Tensor, *, dynamic: bool = True):
-    """``torch.export.export`` with dynamic H and W (or static shapes)."""
+def _dynamic_hw(min_hw: int = 1, *, strict: bool = True) -> tuple:
+    # Positional (one entry per forward argument), so the spec fits whatever the module calls its input:
+    # blocks take ``x``, segmentors ``images``.
+    if not strict:
+        # A whole network divides H, W by strides and feeds the result to blocks; sympy cannot prove
+        # guards such as 1 % (1 + (H - 1) // 8) != 0 for every H >= 9, so named Dims fail to export.
+        # DYNAMIC keeps H, W symbolic and turns such guards into range constraints and run-time checks;
+        # export_to_file then checks the graph at a second size.
+        hint = torch.export.Dim.DYNAMIC(min=min_hw, max=4096)
+        return ({2: hint, 3: hint},)
+    h = torch.export.Dim("height", min=min_hw, max=4096)
+    w = torch.export.Dim("width", min=min_hw, max=4096)
+    return ({2: h, 3: w},)
+
+
+def min_input_size(module: torch.nn.Module) -> int:
+    """The smallest H (and W) declared for a dynamic export of ``module``: 1 for a block; for a model
+    with a timm backbone, one more than its largest stride, since the exporter specialises feature maps
+    of size 1 (broadcasting) and cannot prove a graph traced on larger ones valid there."""
+    for candidate in (getattr(module, "backbone", None), module):
+        info = getattr(candidate, "feature_info", None)
+        if info is None:
+            continue
+        entries = getattr(info, "info", info)
+        try:
+            return max(int(e["reduction"]) for e in entries) + 1
+        except (TypeError, KeyError, ValueError):
+            continue
+    return 1
+
+
+def export_program(
+    module: torch.nn.Module, x: torch.Tensor, *, dynamic: bool = True, min_hw: int = 1, strict: bool = True
+):
+    """``torch.export.export`` with dynamic H and W (>= ``min_hw``; ``strict=False``: H, W kept symbolic
+    with the guards the model needs, as for whole networks), or static shapes."""
     module = module.eval()
-    return torch.export.export(module, (x,), dynamic_shapes=_dynamic_hw(x) if dynamic else None)
+    shapes = _dynamic_hw(min_hw, strict=strict) if dynamic else None
+    return torch.export.export(module, (x,), dynamic_shapes=shapes)
 
 
-def export_onnx(module: torch.nn.Module, x: torch.Tensor, path: str | Path, *, dynamic: bool = True) -> Path:
-    """Export to ONNX with the dynamo exporter (onnxscript); H and W dynamic unless ``dynamic=False``."""
+def export_onnx(
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    path: str | Path,
+    *,
+    dynamic: bool = True,
+    min_hw: int = 1,
+    strict: bool = True,
+) -> Path:
+    """Export to ONNX with the dynamo exporter (onnxscript); H and W dynamic (>= ``min_hw``, see
+    :func:`export_program` for ``strict``) unless ``dynamic=False``."""
     path = Path(path)
     module = module.eval()
+    shapes = _dynamic_hw(min_hw, strict=strict) if dynamic else None
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            module, (x,), dynamo=True, dynamic_shapes=_dynamic_hw(x) if dynamic else None, verbose=False
-        )
+        program = torch.onnx.export(module, (x,), dynamo=True, dynamic_shapes=shapes, verbose=False)
     program.save(str(path))
     return path
 
@@ -107,14 +161,33 @@ class SupportRow:
 ONNX_TOL = 1e-4
 
 
+def _perturb_(module: torch.nn.Module, *, scale: float, seed: int, relative: bool) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.is_floating_point():
+                continue
+            noise = torch.randn(p.shape, generator=g).to(p) * scale
+            # Relative noise keeps a deep network's activations in range; a constant parameter (a zero
+            # gate, a zero output projection: what makes a block the identity) gets absolute noise.
+            spread = float(p.float().std()) if relative and p.numel() > 1 else 0.0
+            p.add_(noise * spread if spread > 0 else noise)
+    return module
+
+
+def perturbed(
+    module: torch.nn.Module, *, scale: float = 0.1, seed: int = 0, relative: bool = True
+) -> torch.nn.Module:
+    """A copy of ``module`` (eval mode) with every parameter moved off its initialisation, so a parity
+    check cannot pass by comparing x with x (identity-at-init blocks) or zeros with zeros. ``relative``:
+    noise of ``scale`` times each parameter's spread (absolute ``scale`` for constant parameters)."""
+    return _perturb_(copy.deepcopy(module).eval(), scale=scale, seed=seed, relative=relative)
+
+
 def _perturbed(name: str, channels: int) -> torch.nn.Module:
     torch.manual_seed(0)
     block = create_attn(name, channels).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in block.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)  # so zero-initialised outputs do not hide errors
-    return block
+    return _perturb_(block, scale=0.1, seed=0, relative=False)  # the noise docs/support.md was measured with
 
 
 def _first_line(err: Exception) -> str:
@@ -258,34 +331,286 @@ def dynamic_hw_supported(name: str, attn: str | None = None) -> bool:
     return block is None or attn_info(block).export_dynamic_hw
 
 
-def build_exportable(name: str, *, channels: int = 32, attn: str | None = None) -> torch.nn.Module:
-    """Resolve ``name`` for ``visattn export``: a registry block, or a timm model name (optionally with
-    ``attn`` inserted), or a segmentor zoo name when the segmentation models are available."""
+WEIGHT_OPTIONS = (
+    "--checkpoint PATH (a checkpoint prefix such as runs/x/iter_300, its .safetensors, a work dir or a "
+    ".pth/.safetensors file), or --random-weights to export the architecture with random weights"
+)
+
+
+@dataclass
+class Exportable:
+    """What ``visattn export NAME`` resolved to: the module (eval mode), its kind ("block", "timm",
+    "segmentor"), where its weights came from (None: random or initialisation) and its input channels."""
+
+    module: torch.nn.Module
+    kind: str
+    weights: str | None
+    in_channels: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _blocks_in(module: torch.nn.Module) -> list[str]:
+    return sorted({type(m).attn_name for m in module.modules() if getattr(type(m), "attn_name", None)})
+
+
+def _check_blocks_exportable(module: torch.nn.Module) -> None:
+    for block in _blocks_in(module):
+        info = attn_info(block)
+        if not info.exportable:
+            raise NotExportableError(
+                f"the model contains block {block}, which is not exportable: {info.export_note} "
+                "(docs/support.md); use it in eager mode or under torch.compile"
+            )
+
+
+def _config_beside(checkpoint: Path) -> Path | None:
+    """The run config next to a checkpoint (a visattn work dir holds config.yaml beside its iter_*)."""
+    candidate = checkpoint.parent / "config.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def _zoo_name_of_file(file: Path) -> str | None:
+    """The zoo entry whose published checkpoint has this file name (an mmseg .pth downloaded by hand)."""
+    from . import hub
+
+    for name, entry in hub.load_zoo().items():
+        if entry.get("url") and os.path.basename(str(entry["url"])) == file.name:
+            return name
+    return None
+
+
+def _segmentor_with_weights(source, *, checkpoint, random_weights: bool, what: str) -> Exportable:
+    from .engine.checkpoint import load_weights, resolve_checkpoint
+    from .models import create_segmentor
+
+    if checkpoint is not None:
+        file = resolve_checkpoint(checkpoint)
+        model = create_segmentor(source)
+        load_weights(model, file)
+        return Exportable(model.eval(), "segmentor", f"checkpoint {file}", 3)
+    if random_weights:
+        return Exportable(create_segmentor(source).eval(), "segmentor", None, 3)
+    raise ValueError(f"{what} has no weights to export: pass {WEIGHT_OPTIONS}")
+
+
+def resolve_exportable(
+    name: str,
+    *,
+    channels: int = 32,
+    attn: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    random_weights: bool = False,
+) -> Exportable:
+    """Resolve ``visattn export NAME``.
+
+    NAME is a registry block (exported at its initialisation, ``channels`` wide), a zoo segmentor (its
+    pretrained checkpoint, downloaded or cached through :mod:`visattn.hub`, or ``checkpoint``), a timm
+    model name (with block ``attn`` inserted; weights from ``checkpoint``), a segmentor config YAML (weights
+    from ``checkpoint``) or a checkpoint itself in any form :func:`visattn.engine.checkpoint.resolve_checkpoint`
+    accepts (its architecture from the run's config.yaml beside it, or from the zoo entry of the same file
+    name). A model without weights is refused unless ``random_weights``.
+    """
+    from . import hub
+
     if name in list_attns():
+        if checkpoint is not None:
+            raise ValueError(f"--checkpoint loads a model's weights; {name!r} is a single block")
         info = attn_info(name)
         if not info.exportable:
             raise NotExportableError(
                 f"{name} is not exportable: {info.export_note} (docs/support.md); use it in eager mode or "
                 "under torch.compile"
             )
-        return create_attn(name, channels).eval()
+        torch.manual_seed(0)
+        return Exportable(create_attn(name, channels).eval(), "block", None, channels)
+    if name in hub.list_pretrained():
+        if checkpoint is not None or random_weights:
+            return _segmentor_with_weights(
+                name, checkpoint=checkpoint, random_weights=random_weights, what=name
+            )
+        from .models import create_segmentor
+
+        path = hub.pretrained_path(
+            name, hint="pass the file with --checkpoint PATH (or --random-weights for random weights)"
+        )
+        model = create_segmentor(name, checkpoint_path=path)
+        return Exportable(model.eval(), "segmentor", f"pretrained zoo checkpoint {path}", 3)
     import timm
 
     if timm.is_model(name):
+        from .engine.checkpoint import load_weights
         from .models import create_model
 
         if attn is not None and not attn_info(attn).exportable:
             raise NotExportableError(f"{attn} is not exportable: {attn_info(attn).export_note}")
-        if name.startswith("visattn_"):
-            return timm.create_model(name).eval()
-        return create_model(name, attn).eval()
+        model = timm.create_model(name) if name.startswith("visattn_") else create_model(name, attn)
+        if checkpoint is not None:
+            file = load_weights(model, checkpoint)
+            return Exportable(model.eval(), "timm", f"checkpoint {file}", 3)
+        if not random_weights:
+            raise ValueError(f"timm model {name!r} has no weights to export: pass {WEIGHT_OPTIONS}")
+        return Exportable(model.eval(), "timm", None, 3)
+    path = Path(name).expanduser()
+    if name.endswith((".yaml", ".yml")):
+        if not path.is_file():
+            raise FileNotFoundError(f"segmentor config {name!r} does not exist")
+        return _segmentor_with_weights(
+            str(path), checkpoint=checkpoint, random_weights=random_weights, what=f"config {name}"
+        )
+    from .engine.checkpoint import resolve_checkpoint
+
     try:
-        from .models import create_segmentor  # available once segmentation models exist
+        file = resolve_checkpoint(name)
+    except hub.CheckpointError:
+        file = None
+    if file is not None:
+        if checkpoint is not None:
+            raise ValueError(
+                f"{name!r} is itself a checkpoint; give either it or --checkpoint, not both (to pair a "
+                "config with a checkpoint: visattn export CONFIG.yaml --checkpoint PATH)"
+            )
+        config = _config_beside(file)
+        source = str(config) if config is not None else _zoo_name_of_file(file)
+        if source is None:
+            raise ValueError(
+                f"checkpoint {file} has no config.yaml beside it and is no zoo file, so its architecture is "
+                "unknown: give the config, visattn export CONFIG.yaml --checkpoint " + name
+            )
+        return _segmentor_with_weights(source, checkpoint=file, random_weights=False, what=name)
+    close = difflib.get_close_matches(name, [*list_attns(), *hub.list_pretrained()], n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(close)}?" if close else ""
+    raise ValueError(
+        f"{name!r} is neither a visattn block, a zoo segmentor, a timm model, a config YAML nor a checkpoint."
+        f"{hint} See `visattn list`, visattn.hub.list_pretrained() or timm.list_models()."
+    )
+
+
+def build_exportable(name: str, *, channels: int = 32, attn: str | None = None) -> torch.nn.Module:
+    """The module of ``resolve_exportable`` with random weights allowed (kept for callers of the old API)."""
+    return resolve_exportable(name, channels=channels, attn=attn, random_weights=True).module
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_to_file` wrote and checked."""
+
+    path: Path
+    format: str
+    dynamic: bool
+    min_hw: int
+    sizes: list[tuple[int, int]]
+    max_errors: list[float]
+    checked_on: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _tmp_beside(out: Path) -> Path:
+    # The real suffix last: torch.export.save wants ".pt2".
+    return out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")
+
+
+def _second_size(h: int, w: int, min_hw: int) -> tuple[int, int]:
+    # Different in both dimensions and not a stride multiple, so padding and resizing paths run.
+    return max(min_hw, h * 3 // 4 + 1), max(min_hw, w * 3 // 4 + 3)
+
+
+def _parity(errors: list[float], refs: list[float], tol: float) -> bool:
+    return all(e <= tol * max(1.0, r) for e, r in zip(errors, refs))
+
+
+def export_to_file(
+    exp: Exportable,
+    out: str | os.PathLike,
+    *,
+    size: tuple[int, int],
+    batch: int = 1,
+    dynamic: bool = True,
+    fmt: str = "onnx",
+) -> ExportReport:
+    """Export ``exp.module`` to ``out`` (ONNX with the dynamo exporter, or a torch.export program) and
+    check it before anything is written: the graph must agree with eager at ``size`` and, when H and W
+    are dynamic, at a second size (within ``ONNX_TOL``, relative to the logits' magnitude when above 1).
+
+    Random or initial weights are checked on a perturbed copy (:func:`perturbed`), exported the same way,
+    so an identity-at-init block cannot pass by comparing x with x; real weights are checked as written.
+    The file appears atomically (temporary file in the same folder, then ``os.replace``); a graph that
+    disagrees raises :class:`ExportMismatchError` and leaves ``out`` untouched.
+    """
+    if fmt not in ("onnx", "export"):
+        raise ValueError(f"export format must be 'onnx' or 'export', got {fmt!r}")
+    out = Path(out)
+    module = exp.module.eval()
+    _check_blocks_exportable(module)
+    notes = list(exp.notes)
+    h, w = size
+    if h < 1 or w < 1 or batch < 1:
+        raise ValueError(f"export size {h}x{w} and batch {batch} must be positive")
+    limited = [b for b in _blocks_in(module) if not attn_info(b).export_dynamic_hw]
+    if dynamic and limited:
+        notes.append(f"fixed size {h}x{w}: {attn_info(limited[0]).export_note}")
+        dynamic = False
+    min_hw = 1 if exp.kind == "block" else min_input_size(module)
+    if dynamic and min(h, w) < min_hw:
+        raise ValueError(
+            f"--size {h}x{w}: a dynamic export of this model needs H, W >= {min_hw} (its largest stride + 1); "
+            f"give --size of at least {min_hw}x{min_hw}, or --static"
+        )
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, exp.in_channels, h, w, generator=g)
+    sizes = [(h, w)] + ([_second_size(h, w, min_hw)] if dynamic else [])
+    inputs = [x] + [torch.randn(batch, exp.in_channels, *hw, generator=g) for hw in sizes[1:]]
+    if exp.weights is None:
+        check = perturbed(module, relative=exp.kind != "block")
+        checked_on = "a perturbed copy (random/initial weights moved off their initialisation)"
+    else:
+        check = module
+        checked_on = f"the exported weights ({exp.weights})"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(out)
+    try:
+        with torch.no_grad():
+            refs = [check(xi) for xi in inputs]
+        opts = dict(dynamic=dynamic, min_hw=min_hw, strict=exp.kind == "block")
+        if fmt == "onnx":
+            export_onnx(module, x, tmp, **opts)
+            check_path = tmp
+            with tempfile.TemporaryDirectory() as scratch:
+                if check is not module:
+                    check_path = export_onnx(check, x, Path(scratch) / "check.onnx", **opts)
+                errors = _ort_errors(check_path, inputs, refs)
+        else:
+            program = export_program(module, x, **opts)
+            checked = program if check is module else export_program(check, x, **opts)
+            with torch.no_grad():
+                errors = [float((checked.module()(xi) - r).abs().max()) for xi, r in zip(inputs, refs)]
+            torch.export.save(program, str(tmp))
+        scales = [float(r.abs().max()) for r in refs]
+        if errors is None:
+            notes.append("parity NOT checked: onnxruntime is not installed (pip install 'visattn[export]')")
+            errors = []
+        elif not _parity(errors, scales, ONNX_TOL):
+            shown = ", ".join(f"{e:.2e} at {a}x{b}" for e, (a, b) in zip(errors, sizes))
+            raise ExportMismatchError(
+                f"the exported graph disagrees with eager PyTorch (max abs error {shown}; tolerance "
+                f"{ONNX_TOL:g} x max(1, |logits|)); nothing was written to {out}. Try --static"
+            )
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(out, fmt, dynamic, min_hw, sizes, errors, checked_on, notes)
+
+
+def _ort_errors(path: Path, inputs: list[torch.Tensor], refs: list[torch.Tensor]) -> list[float] | None:
+    """onnxruntime's max abs error against ``refs`` at each input; None when onnxruntime is missing."""
+    try:
+        import onnxruntime as ort
     except ImportError:
-        create_segmentor = None
-    if create_segmentor is not None:
-        try:
-            return create_segmentor(name).eval()
-        except ValueError:
-            pass
-    raise ValueError(f"{name!r} is neither a visattn block, a timm model nor a segmentor name")
+        return None
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    errors = []
+    for xi, ref in zip(inputs, refs):
+        (got,) = session.run(None, {name: xi.numpy()})
+        errors.append(float((torch.from_numpy(got) - ref.cpu()).abs().max()))
+    return errors
