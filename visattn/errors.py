@@ -25,6 +25,7 @@ __all__ = [
     "EXIT_USAGE",
     "ArgumentParser",
     "VisattnError",
+    "arg_type",
     "check_writable",
     "debug_enabled",
     "device_arg",
@@ -122,7 +123,7 @@ class ArgumentParser(argparse.ArgumentParser):
         return self
 
 
-def _arg_type(parse: Callable[[str], object], name: str) -> Callable[[str], object]:
+def arg_type(parse: Callable[[str], object], name: str) -> Callable[[str], object]:
     """An argparse ``type=`` from a parser raising ValueError: argparse shows the ValueError's own
     message (as ``argument --x: <message>``) instead of its generic "invalid value"."""
 
@@ -255,12 +256,12 @@ def _device(text: str) -> str:
     return str(text).strip()
 
 
-positive_int = _arg_type(_positive_int, "positive_int")
-positive_float = _arg_type(_positive_float, "positive_float")
-positive_float_list = _arg_type(_positive_float_list, "positive_float_list")
-fraction = _arg_type(_fraction, "fraction")
-size_pair = _arg_type(parse_size, "size_pair")
-size_list = _arg_type(parse_size_list, "size_list")
-writable_file = _arg_type(_writable_file, "writable_file")
-writable_dir = _arg_type(_writable_dir, "writable_dir")
-device_arg = _arg_type(_device, "device_arg")
+positive_int = arg_type(_positive_int, "positive_int")
+positive_float = arg_type(_positive_float, "positive_float")
+positive_float_list = arg_type(_positive_float_list, "positive_float_list")
+fraction = arg_type(_fraction, "fraction")
+size_pair = arg_type(parse_size, "size_pair")
+size_list = arg_type(parse_size_list, "size_list")
+writable_file = arg_type(_writable_file, "writable_file")
+writable_dir = arg_type(_writable_dir, "writable_dir")
+device_arg = arg_type(_device, "device_arg")

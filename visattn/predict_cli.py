@@ -13,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .errors import arg_type, check_writable, device_arg, fraction, size_pair
+
 __all__ = ["add_predict_parser", "colorize", "overlay", "palette_for", "run_predict"]
 
 
@@ -50,58 +52,128 @@ def overlay(image, labels, palette, alpha: float = 0.5):
     )
 
 
-def _parse_pair(text: str | None):
-    if text is None:
-        return None
-    h, _, w = text.lower().partition("x")
-    return (int(h), int(w or h))
+#: How the command line takes a local checkpoint (the offline advice names this, not ``checkpoint_path=``).
+CLI_CHECKPOINT_HINT = "pass --checkpoint PATH to visattn predict"
+
+# The label map must survive a round trip exactly: lossless formats only (JPEG would blur class indices).
+_LABEL_MAP_EXTENSIONS = (".png", ".tif", ".tiff")
+
+
+def _image_extension_ok(path: str, allowed: tuple[str, ...] | None) -> None:
+    from PIL import Image
+
+    Image.init()
+    ext = Path(path).suffix.lower()
+    if allowed is not None:
+        if ext not in allowed:
+            raise ValueError(
+                f"label map {path!r} must be a lossless image file ({', '.join(allowed)}); "
+                f"got {ext or 'no extension'}"
+            )
+    elif Image.registered_extensions().get(ext) not in Image.SAVE:
+        raise ValueError(f"{path!r}: PIL cannot write images with extension {ext or '(none)'}; use .png")
+
+
+def _check_label_map_path(text: str) -> str:
+    check_writable(text, "label map")
+    _image_extension_ok(text, _LABEL_MAP_EXTENSIONS)
+    return text
+
+
+def _check_overlay_path(text: str) -> str:
+    check_writable(text, "overlay")
+    _image_extension_ok(text, None)
+    return text
+
+
+_label_map_path = arg_type(_check_label_map_path, "label_map_path")
+_overlay_path = arg_type(_check_overlay_path, "overlay_path")
+
+
+def _read_image(path: Path):
+    """The image at ``path`` as an (H, W, 3) uint8 array; ValueError naming the file if PIL cannot read it."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except Exception as err:  # noqa: BLE001 - not an image, truncated, too large ...: one error naming the file
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise ValueError(
+            f"image {str(path)!r} cannot be read as an image ({type(err).__name__}: {detail}); "
+            "give a PNG, JPEG or other file PIL reads"
+        ) from err
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    """Segment ``args.image`` and write the label map and the overlay. Everything that can be checked
+    cheaply (the image, the checkpoint, the output paths) is checked before a model is built."""
     import numpy as np
     import torch
     from PIL import Image
 
     from . import hub
+    from .engine.checkpoint import resolve_checkpoint
     from .models import create_segmentor
 
     image_path = Path(args.image)
     if not image_path.is_file():
-        print(f"visattn predict: image {image_path} does not exist", file=sys.stderr)
+        what = "is a directory" if image_path.is_dir() else "does not exist"
+        print(f"visattn predict: image {image_path} {what}; give an image file", file=sys.stderr)
         return 2
+    image = _read_image(image_path)
+    out = Path(args.output)
+    overlay_path = Path(args.overlay) if args.overlay else out.with_name(out.stem + "_overlay.png")
+    if not args.overlay:
+        _check_overlay_path(str(overlay_path))  # the derived name is checked like an explicit one
+    if overlay_path.absolute() == out.absolute():
+        raise ValueError(f"--overlay {overlay_path} is the label map -o {out}; give two different files")
     is_zoo = args.model in hub.list_pretrained()
-    pretrained = is_zoo and not args.no_pretrained and args.checkpoint is None
-    try:
-        kwargs = {"checkpoint_path": args.checkpoint} if args.checkpoint else {}
-        model = create_segmentor(args.model, pretrained=pretrained, **kwargs)
-    except (ValueError, FileNotFoundError, hub.CheckpointError) as err:
-        print(f"visattn predict: {err}", file=sys.stderr)
-        return 2
-    if not (pretrained or args.checkpoint):
+    if args.checkpoint:
+        # Every form test and resume accept: prefix, .safetensors, .state.pt, work dir, .pth/.pt.
+        checkpoint = resolve_checkpoint(args.checkpoint)
+    elif is_zoo and not args.no_pretrained:
+        checkpoint = hub.pretrained_path(args.model, hint=CLI_CHECKPOINT_HINT)
+    else:
+        checkpoint = None
+    if checkpoint is not None:
+        model = create_segmentor(args.model, checkpoint_path=checkpoint)
+    else:
+        model = create_segmentor(args.model)
         print("visattn predict: note: randomly initialised weights (no checkpoint loaded)", file=sys.stderr)
     model = model.to(torch.device(args.device)).eval()
-    image = np.asarray(Image.open(image_path).convert("RGB"))
     labels = model.predict(
-        image,
-        mode=args.mode,
-        crop_size=_parse_pair(args.crop_size),
-        stride=_parse_pair(args.stride),
-        resize=not args.no_resize,
+        image, mode=args.mode, crop_size=args.crop_size, stride=args.stride, resize=not args.no_resize
     )
     labels = labels.cpu().numpy()
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
+    overlay_path.parent.mkdir(parents=True, exist_ok=True)
     if model.num_classes <= 256:
-        Image.fromarray(labels.astype(np.uint8), mode="L").save(out)
+        _save_image(Image.fromarray(labels.astype(np.uint8), mode="L"), out)
     else:
-        Image.fromarray(labels.astype(np.uint16)).save(out)
+        _save_image(Image.fromarray(labels.astype(np.uint16)), out)
     palette = palette_for(model.data_cfg.get("dataset"), model.num_classes)
-    overlay_path = Path(args.overlay) if args.overlay else out.with_name(out.stem + "_overlay.png")
-    Image.fromarray(overlay(image, labels, palette, args.alpha)).save(overlay_path)
+    _save_image(Image.fromarray(overlay(image, labels, palette, args.alpha)), overlay_path)
     present = len(np.unique(labels))
     print(f"wrote {out} (label map {labels.shape[1]}x{labels.shape[0]}, {present} classes present)")
     print(f"wrote {overlay_path}")
     return 0
+
+
+def _save_image(img, path: Path) -> None:
+    """Save atomically: a temporary file in the same folder, then ``os.replace``."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        img.save(tmp, format=None)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def add_predict_parser(subparsers) -> argparse.ArgumentParser:
@@ -113,17 +185,31 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="zoo name (see visattn.hub.list_pretrained()) or a segmentor config YAML")
     p.add_argument("image", help="input image (any format PIL reads)")
-    p.add_argument("-o", "--output", default="prediction.png", help="label map PNG (default: prediction.png)")
-    p.add_argument("--overlay", help="overlay PNG (default: <output>_overlay.png)")
-    p.add_argument("--checkpoint", help="local checkpoint (.pth in mmseg or visattn layout, or .safetensors)")
+    p.add_argument(
+        "-o",
+        "--output",
+        type=_label_map_path,
+        default="prediction.png",
+        help="label map PNG (default: prediction.png)",
+    )
+    p.add_argument("--overlay", type=_overlay_path, help="overlay image (default: <output>_overlay.png)")
+    p.add_argument(
+        "--checkpoint",
+        help="local checkpoint: a visattn prefix (runs/x/iter_300), its .safetensors or .state.pt, a work dir "
+        "(its latest checkpoint), or a .pth/.safetensors in mmseg or visattn layout",
+    )
     p.add_argument("--no-pretrained", action="store_true", help="do not download the zoo checkpoint")
     p.add_argument(
         "--mode", choices=["whole", "slide"], default="whole", help="whole image or sliding window"
     )
-    p.add_argument("--crop-size", help="sliding-window size HxW (default: the zoo entry's crop)")
-    p.add_argument("--stride", help="sliding-window stride HxW (default: 2/3 of the crop)")
+    p.add_argument(
+        "--crop-size", type=size_pair, help="sliding-window size HxW (default: the zoo entry's crop)"
+    )
+    p.add_argument("--stride", type=size_pair, help="sliding-window stride HxW (default: 2/3 of the crop)")
     p.add_argument("--no-resize", action="store_true", help="skip the dataset's test-time resize")
-    p.add_argument("--alpha", type=float, default=0.5, help="weight of the colours in the overlay")
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--alpha", type=fraction, default=0.5, help="weight of the colours in the overlay, in [0, 1]"
+    )
+    p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
     p.set_defaults(func=run_predict)
     return p
