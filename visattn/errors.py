@@ -31,6 +31,7 @@ __all__ = [
     "device_arg",
     "exit_code",
     "fraction",
+    "parse_positive_floats",
     "parse_size",
     "parse_size_list",
     "positive_float",
@@ -52,7 +53,8 @@ class VisattnError(Exception):
     """Base of errors whose message names the problem and the fix (bad checkpoint, existing run, ...)."""
 
 
-USER_ERRORS: tuple[type[BaseException], ...] = (VisattnError, ValueError, OSError)
+# ArgumentTypeError: a type= check called outside argparse is still the user's bad value.
+USER_ERRORS: tuple[type[BaseException], ...] = (VisattnError, ValueError, OSError, argparse.ArgumentTypeError)
 
 
 def debug_enabled(argv_flag: bool = False) -> bool:
@@ -187,7 +189,8 @@ def parse_size_list(text: str) -> list[tuple[int, int]]:
     return [parse_size(p) for p in parts]
 
 
-def _positive_float_list(text: str) -> list[float]:
+def parse_positive_floats(text: str) -> list[float]:
+    """``"0.5,1.0,1.5"`` -> [0.5, 1.0, 1.5]: positive finite numbers; ValueError otherwise."""
     try:
         return [_positive_float(p) for p in str(text).split(",")]
     except ValueError:
@@ -258,7 +261,7 @@ def _device(text: str) -> str:
 
 positive_int = arg_type(_positive_int, "positive_int")
 positive_float = arg_type(_positive_float, "positive_float")
-positive_float_list = arg_type(_positive_float_list, "positive_float_list")
+positive_float_list = arg_type(parse_positive_floats, "positive_float_list")
 fraction = arg_type(_fraction, "fraction")
 size_pair = arg_type(parse_size, "size_pair")
 size_list = arg_type(parse_size_list, "size_list")

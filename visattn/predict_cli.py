@@ -141,7 +141,13 @@ def run_predict(args: argparse.Namespace) -> int:
         model = create_segmentor(args.model, checkpoint_path=checkpoint)
     else:
         model = create_segmentor(args.model)
-        print("visattn predict: note: randomly initialised weights (no checkpoint loaded)", file=sys.stderr)
+        print(
+            "visattn predict: note: randomly initialised weights (no checkpoint loaded), so the labels mean "
+            "nothing; pass --checkpoint PATH for trained weights",
+            file=sys.stderr,
+        )
+        # This line is the command's one notice; the Python API's multi-line warning would repeat it.
+        model.random_weights = False
     model = model.to(torch.device(args.device)).eval()
     labels = model.predict(
         image, mode=args.mode, crop_size=args.crop_size, stride=args.stride, resize=not args.no_resize

@@ -30,16 +30,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _load(args: argparse.Namespace):
-    from .config import ConfigError, load_config
+    """The checked config of ``args`` (file, ``--set`` pairs, ``--work-dir``). A bad config raises
+    ConfigError (a ValueError) naming the key or file, which the command prints as one line, exit 2."""
+    from .config import load_config
 
     overrides = list(args.overrides)
     if args.work_dir:
         overrides.append(f"train.work_dir={args.work_dir}")
-    try:
-        return load_config(args.config, overrides)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f"visattn: {err}", file=sys.stderr)
-        return None
+    return load_config(args.config, overrides)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -68,32 +66,45 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_test(args: argparse.Namespace) -> int:
+    """Evaluate a checkpoint. The arguments, the config and the checkpoint's existence are checked
+    before a model or a dataset is built; an unreadable checkpoint is an error naming the file."""
+    from ..errors import check_writable, parse_positive_floats
+
+    # A typo in --scales or an unwritable --out must not surface after a whole evaluation.
+    if args.out:
+        check_writable(args.out, "--out result file")
+    try:
+        scales = parse_positive_floats(args.scales) if args.scales else None
+    except ValueError as err:
+        raise ValueError(f"--scales: {err}") from None
     cfg = _load(args)
-    if cfg is None:
-        return 2
     import torch
 
     from ..data import build_dataset, build_val_transform
+    from ..hub import CheckpointError
     from ..models.segmentor import build_segmentor
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .checkpoint import CHECKPOINT_FORMS, load_weights, resolve_checkpoint
     from .dist import get_rank, init_distributed, is_main
     from .evaluate import evaluate, format_table
 
+    if args.checkpoint:
+        # Every form predict, export and resume accept (prefix, .safetensors, .state.pt, work dir, .pth).
+        checkpoint = resolve_checkpoint(args.checkpoint)
+    else:
+        work_dir = cfg["train"]["work_dir"]
+        try:
+            checkpoint = resolve_checkpoint(work_dir)
+        except CheckpointError:
+            raise CheckpointError(
+                f"no --checkpoint given and no checkpoint in train.work_dir {work_dir!r}; "
+                f"pass --checkpoint PATH: {CHECKPOINT_FORMS}"
+            ) from None
     device = cfg["train"]["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
     init_distributed(device)
     if device.startswith("cuda") and torch.distributed.is_initialized():
         device = f"cuda:{get_rank() % torch.cuda.device_count()}"
     model = build_segmentor(cfg["model"])
-    ckpt = args.checkpoint or latest_checkpoint(cfg["train"]["work_dir"])
-    if ckpt is None:
-        print("visattn: no --checkpoint and no checkpoint in train.work_dir", file=sys.stderr)
-        return 2
-    if ckpt.endswith((".pth", ".pt")):
-        from .. import hub
-
-        hub.load_pretrained(model, None, checkpoint_path=ckpt)
-    else:
-        load_checkpoint(ckpt, model)
+    load_weights(model, checkpoint)
     model.to(device)
     dataset = build_dataset(
         cfg["data"], False, build_val_transform(model.data_cfg["mean"], model.data_cfg["std"])
@@ -103,8 +114,8 @@ def run_test(args: argparse.Namespace) -> int:
         eval_cfg["mode"] = args.mode
     if args.flip:
         eval_cfg["flip"] = True
-    if args.scales:
-        eval_cfg["scales"] = [float(s) for s in args.scales.split(",")]
+    if scales:
+        eval_cfg["scales"] = scales
     metrics = evaluate(
         model,
         dataset,
@@ -155,16 +166,11 @@ def add_train_test_parsers(subparsers) -> tuple[argparse.ArgumentParser, argpars
 
 
 def _main(command: str, argv: list[str] | None) -> int:
-    from ..errors import run_command
+    """tools/train.py and tools/test.py: exactly ``visattn train`` / ``visattn test`` (same parser,
+    one-line errors, exit codes, ``--debug``)."""
+    from ..cli import main
 
-    parser = argparse.ArgumentParser(prog=f"visattn {command}")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_train_test_parsers(sub)
-    argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    args = parser.parse_args([command, *[a for a in argv if a != "--debug"]])
-    return run_command(f"visattn {command}", lambda: args.func(args), debug=debug)
+    return main([command, *(sys.argv[1:] if argv is None else argv)])
 
 
 def main_train(argv: list[str] | None = None) -> int:
