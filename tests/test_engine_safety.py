@@ -314,3 +314,22 @@ def test_log_continues_from_the_resumed_iteration(reference, tmp_path):
     ref = [json.loads(x) for x in (reference / "log.jsonl").read_text().splitlines()]
     got = [json.loads(x) for x in (work / "log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in got if "loss" in r] == [r["loss"] for r in ref if "loss" in r]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (Path(sys.executable).parent / "torchrun").exists(), reason="torchrun not installed")
+def test_torchrun_processes_agree_to_stop_at_one_iteration(tmp_path):
+    """Only rank 0 gets the signal; rank 1 learns of it through the all_reduce and stops after the same
+    iteration (no hang in a collective, one checkpoint at that iteration). Old code: rank 0 died."""
+    work = tmp_path / "ddp"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    sets = [*SETS, "train.norm_eval=true"]
+    args = [torchrun, "--standalone", "--nproc_per_node=2", "tools/train.py", "--no-progress"]
+    args += ["--work-dir", str(work)] + sum((["--set", s] for s in sets), [])
+    env = {**_env(), "VISATTN_SIGNAL_AT_ITER": "3:TERM"}
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert f"stopped by SIGTERM after iteration 3 of 5; checkpoint saved to {work / 'iter_3'}" in r.stderr
+    assert (work / "latest").read_text() == "iter_3\n" and not (work / "iter_4.safetensors").exists()
+    state = torch.load(work / "iter_3.state.pt", weights_only=True)
+    assert state["iteration"] == 3 and len(state["rng"]) == 2  # both processes saved their RNG
