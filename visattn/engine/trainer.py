@@ -353,7 +353,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
     t0, metrics = time.time(), {}
     saved_at = start
     stop_code = 0
-    with _StopSignals(single_process=world == 1) as stop:
+    with _StopSignals(single_process=world == 1, after_bar=bar is not None) as stop:
         for it in range(start, t_cfg["iters"]):
             sched.step_to(it)
             optimizer.zero_grad(set_to_none=True)
@@ -688,8 +688,8 @@ class _StopSignals:
     single process stops at once (KeyboardInterrupt). Previous handlers come back on exit. Outside the
     main thread, where Python allows no handlers, nothing is installed."""
 
-    def __init__(self, *, single_process: bool) -> None:
-        self.single_process = single_process
+    def __init__(self, *, single_process: bool, after_bar: bool = False) -> None:
+        self.single_process, self.after_bar = single_process, after_bar
         self.exit_code = 0
         self._previous: dict[int, Any] = {}
 
@@ -700,7 +700,8 @@ class _StopSignals:
             self.exit_code = 128 + signum
             if is_main():
                 print(
-                    f"\nvisattn train: {signal.Signals(signum).name} received: stopping after this iteration "
+                    ("\n" if self.after_bar else "")  # off the progress bar's line
+                    + f"visattn train: {signal.Signals(signum).name} received: stopping after this iteration "
                     "to save a checkpoint"
                     + (" (Ctrl-C again: stop now, unsaved)" if self.single_process else ""),
                     file=sys.stderr,
