@@ -1,9 +1,14 @@
 """Training/evaluation configs: YAML files with sections ``model``, ``data``, ``train``, ``optim``,
 ``sched`` and ``eval``; ``--set a.b=c`` overrides; validation before anything is built.
 
-``model`` is a segmentor config (:func:`visattn.models.segmentor.resolve_config`), the other sections
-are checked against :data:`DEFAULTS`: an unknown key, a value of the wrong type or a missing dataset
-folder raises :class:`ConfigError` naming the key (or path).
+Everything is checked before anything runs, by one checker reading declarative tables: :data:`SPEC`
+(every key of ``data``, ``train``, ``optim``, ``sched``, ``eval``: a :class:`Rule` giving its type, shape
+and range) and :data:`MODEL_SPEC` (the ``model`` section, a segmentor config:
+:func:`visattn.models.segmentor.resolve_config`), then a few rules between keys, the backbone against
+timm, the head and blocks against the registry and each ``*_kwargs`` against the constructor it feeds.
+Every failure is a :class:`ConfigError` naming the full key path, what is expected and what was given;
+YAML syntax errors name the file, line and column; an empty file or one without a ``model`` section is
+refused rather than training the default model.
 """
 
 from __future__ import annotations
