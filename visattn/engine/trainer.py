@@ -17,9 +17,7 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +26,31 @@ import torch.nn as nn
 import yaml
 
 from ..data import build_dataset, build_train_transform, build_val_transform
-from ..errors import VisattnError
 from ..models.segmentor import build_segmentor
-from .checkpoint import (
-    atomic_write_text,
-    checkpoint_iteration,
-    checkpoint_prefix,
-    find_intact_checkpoint,
-    latest_checkpoint,
-    read_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from .checkpoint import atomic_write_text, rng_state, save_checkpoint, set_rng_state
 from .dist import barrier, get_rank, get_world_size, init_distributed, is_main
 from .evaluate import evaluate, format_table
+from .interrupt import (
+    StopSignals,
+    TrainingInterrupted,
+    agree_on_stop,
+    ignore_stop_signals,
+    interrupted,
+    signal_hook,
+)
+from .rundir import (
+    RESUME_MAY_CHANGE,
+    ResumeError,
+    ResumeFallbackWarning,
+    RunExistsError,
+    check_resume,
+    find_resume,
+    finished_metrics,
+    move_aside,
+    run_exists_message,
+    run_files,
+    truncate_log,
+)
 
 __all__ = [
     "RESUME_MAY_CHANGE",
@@ -54,43 +62,6 @@ __all__ = [
     "TrainingInterrupted",
     "train",
 ]
-
-# Config keys that may differ between a run and its resume: they change how a run is watched, saved or
-# executed, never the sequence of weights it computes (train.iters is not here: it reshapes the schedule).
-RESUME_MAY_CHANGE = frozenset(
-    {
-        "train.work_dir",
-        "train.device",
-        "train.log_interval",
-        "train.ckpt_interval",
-        "train.eval_interval",
-        "train.tensorboard",
-        "data.num_workers",
-    }
-)
-# What a run writes into its work dir besides its iter_<n> checkpoints: any of them means "a run is here".
-RUN_FILES = ("config.yaml", "latest", "log.jsonl", "eval.json", "curves.png", "tb")
-
-
-class RunExistsError(VisattnError):
-    """A fresh run was started in a work dir that already holds a run; nothing was changed."""
-
-
-class ResumeError(VisattnError):
-    """A resume that cannot continue (no checkpoint, another config, another model); nothing was changed."""
-
-
-class ResumeFallbackWarning(UserWarning):
-    """The newest checkpoint was damaged and an older intact one is resumed instead."""
-
-
-class TrainingInterrupted(VisattnError):
-    """SIGINT or SIGTERM stopped training after a checkpoint was saved; ``exit_code`` is 128 + signal
-    number (130, 143) and ``checkpoint`` the saved prefix."""
-
-    def __init__(self, message: str, *, exit_code: int, checkpoint: str | None) -> None:
-        super().__init__(message)
-        self.exit_code, self.checkpoint = exit_code, checkpoint
 
 
 class PolyLR:
@@ -247,9 +218,9 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
     local_bs = per_step // world
     work_dir = Path(t_cfg["work_dir"])
     # Every check below only reads; the first write comes after the barrier that ends them.
-    existing = [] if resume else _run_files(work_dir)
+    existing = [] if resume else run_files(work_dir)
     if existing and not replace:
-        raise RunExistsError(_run_exists_message(work_dir, existing))
+        raise RunExistsError(run_exists_message(work_dir, existing))
 
     torch.manual_seed(t_cfg["seed"])  # model init: identical in every process
     model = build_segmentor(cfg["model"]).to(device)
@@ -264,9 +235,9 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
 
     start = 0
     if resume:
-        prefix, tensors, state = _find_resume(resume, work_dir)
-        start = _check_resume(cfg, work_dir, prefix, tensors, state, model)
-        finished = _finished_metrics(work_dir) if start >= t_cfg["iters"] else None
+        prefix, tensors, state = find_resume(resume, work_dir)
+        start = check_resume(cfg, work_dir, prefix, tensors, state, model)
+        finished = finished_metrics(work_dir) if start >= t_cfg["iters"] else None
         if finished is not None:
             if is_main():
                 print(
@@ -293,14 +264,14 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
     barrier()  # every process has passed its checks: only now does the work dir change
     if is_main():
         if existing:
-            moved = _move_aside(work_dir, existing)
+            moved = move_aside(work_dir, existing)
             print(
                 f"visattn train: moved the previous run's files from {work_dir} to {moved}", file=sys.stderr
             )
         work_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(work_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
         if resume:
-            _truncate_log(work_dir / "log.jsonl", start)
+            truncate_log(work_dir / "log.jsonl", start)
     barrier()
     net: nn.Module = model
     if world > 1:
@@ -313,7 +284,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
             net, device_ids=[device] if device.startswith("cuda") else None
         )
     crash_at = int(os.environ.get("VISATTN_CRASH_AT_ITER", "-1"))  # test hook: SIGKILL mid-run
-    signal_at, signal_num = _signal_hook()  # test hook: SIGINT/SIGTERM in the middle of an iteration
+    signal_at, signal_num = signal_hook()  # test hook: SIGINT/SIGTERM in the middle of an iteration
     logger = _Logger(work_dir, t_cfg["tensorboard"]) if is_main() else None
     bar = None
     if progress and is_main():
@@ -338,7 +309,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
             # Its own generator: creating the iterator would otherwise draw from the global RNG (dropout),
             # shifting it after a resume.
             generator=torch.Generator().manual_seed(t_cfg["seed"]),
-            worker_init_fn=_ignore_stop_signals if num_workers else None,
+            worker_init_fn=ignore_stop_signals if num_workers else None,
         )
     )
 
@@ -353,7 +324,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
     t0, metrics = time.time(), {}
     saved_at = start
     stop_code = 0
-    with _StopSignals(single_process=world == 1, after_bar=bar is not None) as stop:
+    with StopSignals(single_process=world == 1, after_bar=bar is not None) as stop:
         for it in range(start, t_cfg["iters"]):
             sched.step_to(it)
             optimizer.zero_grad(set_to_none=True)
@@ -403,7 +374,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
             if done == crash_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             # Every process stops at the same iteration, whichever of them got the signal.
-            stop_code = _agree_on_stop(stop.exit_code, device)
+            stop_code = agree_on_stop(stop.exit_code, device)
             if stop_code:
                 break
             if t_cfg["eval_interval"] and done % t_cfg["eval_interval"] == 0 and done != t_cfg["iters"]:
@@ -427,7 +398,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
     if bar is not None:
         bar.close()
     if stop_code:
-        raise _interrupted(stop_code, work_dir / f"iter_{done}", done, t_cfg["iters"])
+        raise interrupted(stop_code, work_dir / f"iter_{done}", done, t_cfg["iters"])
     metrics = evaluate(
         model,
         val_set,
@@ -465,278 +436,6 @@ def _save(work_dir, model, optimizer, sched, scaler, it: int, name: str) -> None
         }
         save_checkpoint(work_dir, model, state, name)
     barrier()
-
-
-def _run_files(work_dir: Path) -> list[Path]:
-    """The files and folders of a run in ``work_dir`` (empty when there is none)."""
-    if not work_dir.is_dir():
-        return []
-    found = [work_dir / name for name in RUN_FILES if (work_dir / name).exists()]
-    found += sorted(
-        f
-        for f in work_dir.iterdir()
-        if checkpoint_prefix(f.name) != f.name and checkpoint_iteration(f.name) is not None
-    )
-    return found
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _saved_iters(work_dir: Path) -> int | None:
-    try:
-        saved = yaml.safe_load((work_dir / "config.yaml").read_text())
-        return int(saved["train"]["iters"])
-    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError):
-        return None
-
-
-def _run_exists_message(work_dir: Path, files: list[Path]) -> str:
-    latest = latest_checkpoint(work_dir) if (work_dir / "latest").is_file() else None
-    iterations = [checkpoint_iteration(f.name) for f in files]
-    newest = (
-        checkpoint_iteration(latest)
-        if latest
-        else max((n for n in iterations if n is not None), default=None)
-    )
-    total = _saved_iters(work_dir)
-    of = f" of {total}" if total else ""
-    result = _read_json(work_dir / "eval.json")
-    if isinstance(result, dict) and isinstance(result.get("mIoU"), (int, float)):
-        at = f"iteration {newest}{of}, " if newest is not None else ""
-        what = f"a finished run ({at}mIoU {result['mIoU']:.2f} in eval.json)"
-        resume = "--resume only re-reports a finished run"
-    elif newest is not None:
-        what = f"an unfinished run (latest checkpoint: iteration {newest}{of})"
-        resume = "continue it with --resume"
-    else:
-        what = f"an unfinished run without a checkpoint ({', '.join(f.name for f in files)})"
-        resume = "--resume needs a checkpoint, which it lacks"
-    return (
-        f"train.work_dir {str(work_dir)!r} already holds {what}; nothing was changed. {resume[0].upper()}"
-        f"{resume[1:]}; or train into another folder with --work-dir DIR (--set train.work_dir=DIR); or pass "
-        f"--replace (train(..., replace=True)) to move its files to {work_dir.name}.replaced-<UTC time> "
-        "beside it and start anew here"
-    )
-
-
-def _move_aside(work_dir: Path, files: list[Path]) -> Path:
-    """Move a run's files into a new sibling folder ``<work_dir>.replaced-<UTC time>``; returns it."""
-    base = work_dir.resolve()
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    dest, n = base.with_name(f"{base.name}.replaced-{stamp}"), 1
-    while dest.exists():  # two replacements within one second keep both old runs
-        dest, n = base.with_name(f"{base.name}.replaced-{stamp}-{n}"), n + 1
-    dest.mkdir()
-    for f in files:
-        os.replace(f, dest / f.name)  # same file system: a rename, nothing copied or lost midway
-    return dest
-
-
-def _find_resume(resume: str | bool, work_dir: Path) -> tuple[str, dict[str, torch.Tensor], dict[str, Any]]:
-    """The checkpoint to resume (prefix, tensors, state), read completely. A folder (``resume=True``: the
-    work dir) falls back past damaged newer checkpoints with a warning; a named checkpoint must read."""
-    folder = work_dir if resume is True else Path(os.fspath(resume)).expanduser()
-    if folder.is_dir():
-        found = find_intact_checkpoint(folder)
-        if found is None:
-            raise ResumeError(
-                f"--resume: no checkpoint (iter_<n>.safetensors + .state.pt) in {str(folder)!r}; start "
-                "without --resume, or pass the checkpoint to continue"
-            )
-        prefix, tensors, state, problems = found
-        if problems:
-            warnings.warn(
-                f"--resume: skipped {len(problems)} damaged checkpoint(s) ({'; '.join(problems)}); "
-                f"resuming from {prefix} (iteration {state['iteration']})",
-                ResumeFallbackWarning,
-                stacklevel=3,
-            )
-        return prefix, tensors, state
-    text = os.fspath(resume)
-    if not text.endswith((".safetensors", ".state.pt")) and Path(text).is_file():
-        raise ResumeError(
-            f"--resume {text!r}: not a visattn training checkpoint; give a prefix such as "
-            "runs/x/iter_300 (its .safetensors and .state.pt files) or a work dir"
-        )
-    tensors, state = read_checkpoint(text, require_state=True)
-    return checkpoint_prefix(text), tensors, state
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(tree, dict) and tree:
-        out: dict[str, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
-
-
-def _may_change(key: str) -> bool:
-    return any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE)
-
-
-def _config_differences(saved: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key.path: old -> new`` for every key that differs and may not change on resume."""
-    a, b = _flatten(saved), _flatten(new)
-    absent = "(absent)"
-    return [
-        f"{k}: {a.get(k, absent)!r} -> {b.get(k, absent)!r}"
-        for k in sorted(set(a) | set(b))
-        if not _may_change(k) and a.get(k, absent) != b.get(k, absent)
-    ]
-
-
-def _check_resume(cfg, work_dir: Path, prefix: str, tensors, state, model: nn.Module) -> int:
-    """Check a resume before anything is written: the config against the run's saved config.yaml (that
-    of the checkpoint's folder and of the work dir), the weights against the model. Returns the start
-    iteration."""
-    from .config import ConfigError, validate_config
-
-    for path in dict.fromkeys(
-        p.resolve() for p in (Path(prefix).parent / "config.yaml", work_dir / "config.yaml")
-    ):
-        if not path.is_file():
-            continue
-        try:
-            saved = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as err:
-            raise ResumeError(
-                f"--resume: cannot read the run's config {path} ({err}); nothing was changed"
-            ) from None
-        if not isinstance(saved, dict):
-            raise ResumeError(f"--resume: the run's config {path} is not a mapping; nothing was changed")
-        try:
-            # Defaults added since the run was saved are filled in, so only real differences remain.
-            saved = validate_config(saved, check_paths=False)
-        except ConfigError:
-            pass
-        diffs = _config_differences(saved, cfg)
-        if diffs:
-            raise ResumeError(
-                f"--resume: the config differs from the run's {path} in {len(diffs)} key(s): "
-                f"{'; '.join(diffs)}. Only {', '.join(sorted(RESUME_MAY_CHANGE))} may change on resume; "
-                "resume with the saved config, or start a new run in another --work-dir. Nothing was changed"
-            )
-    from ..models.convert import load_state_dict_strict
-
-    try:
-        load_state_dict_strict(model, tensors, source=f"{prefix}.safetensors", load=False)
-    except ValueError as err:
-        raise ResumeError(f"--resume: {err} Nothing was changed") from None
-    start = state["iteration"]
-    total = cfg["train"]["iters"]
-    if not isinstance(start, int) or not 0 <= start <= total:
-        raise ResumeError(
-            f"--resume: {prefix}.state.pt is at iteration {start!r}, outside this run's 0..{total} "
-            "(train.iters); nothing was changed"
-        )
-    return start
-
-
-def _finished_metrics(work_dir: Path) -> dict[str, Any] | None:
-    result = _read_json(work_dir / "eval.json")
-    return result if isinstance(result, dict) and "mIoU" in result and "IoU" in result else None
-
-
-def _truncate_log(path: Path, start: int) -> None:
-    """Drop the log entries past iteration ``start`` (written by the run that died after the checkpoint),
-    and any line it left half-written, so the resumed log continues without repeating iterations."""
-    if not path.is_file():
-        return
-    keep, dropped = [], 0
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            record = None
-        it = record.get("iter") if isinstance(record, dict) else None
-        if isinstance(it, int) and it <= start:
-            keep.append(line + "\n")
-        elif line.strip():
-            dropped += 1
-    if dropped:
-        atomic_write_text(path, "".join(keep))
-
-
-def _signal_hook() -> tuple[int, int]:
-    """``VISATTN_SIGNAL_AT_ITER="3:INT"`` (or ``3:TERM``): the test hook that signals this process in the
-    middle of iteration 3; (-1, 0) when unset."""
-    text = os.environ.get("VISATTN_SIGNAL_AT_ITER", "").strip()
-    if not text:
-        return -1, 0
-    it, _, name = text.partition(":")
-    if not it.isdigit() or name not in ("INT", "TERM"):
-        raise ValueError(f"VISATTN_SIGNAL_AT_ITER must look like 3:INT or 3:TERM, got {text!r}")
-    return int(it), int(getattr(signal, "SIG" + name))
-
-
-def _ignore_stop_signals(_worker_id: int) -> None:
-    # A Ctrl-C reaches the whole process group: data workers must not die under the main process, which
-    # still needs them to finish the iteration it then saves; they exit when it does.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class _StopSignals:
-    """SIGINT / SIGTERM handlers for the training loop: the first signal only records a request to stop
-    (``exit_code`` 128 + signal number) so the loop can finish its iteration and save; a second SIGINT in a
-    single process stops at once (KeyboardInterrupt). Previous handlers come back on exit. Outside the
-    main thread, where Python allows no handlers, nothing is installed."""
-
-    def __init__(self, *, single_process: bool, after_bar: bool = False) -> None:
-        self.single_process, self.after_bar = single_process, after_bar
-        self.exit_code = 0
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, _frame) -> None:
-        if self.exit_code and signum == signal.SIGINT and self.single_process:
-            raise KeyboardInterrupt
-        if not self.exit_code:
-            self.exit_code = 128 + signum
-            if is_main():
-                print(
-                    ("\n" if self.after_bar else "")  # off the progress bar's line
-                    + f"visattn train: {signal.Signals(signum).name} received: stopping after this iteration "
-                    "to save a checkpoint"
-                    + (" (Ctrl-C again: stop now, unsaved)" if self.single_process else ""),
-                    file=sys.stderr,
-                )
-
-    def __enter__(self) -> _StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-
-def _agree_on_stop(code: int, device: str) -> int:
-    """The stop request of any process, so that every process stops after the same iteration."""
-    if get_world_size() == 1:
-        return code
-    flag = torch.tensor([code], dtype=torch.int64, device=device if device.startswith("cuda") else "cpu")
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return int(flag.item())
-
-
-def _interrupted(code: int, prefix: Path, done: int, total: int) -> TrainingInterrupted:
-    name = signal.Signals(code - 128).name
-    message = (
-        f"stopped by {name} after iteration {done} of {total}; checkpoint saved to {prefix} "
-        "(resume: the same command with --resume)"
-    )
-    if is_main():
-        print(f"visattn train: {message}", file=sys.stderr)
-    return TrainingInterrupted(message, exit_code=code, checkpoint=str(prefix))
 
 
 class _null:
