@@ -16,6 +16,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from .layers.block import AttnBlock
+
 __all__ = ["AttnInfo", "FAMILIES", "register_attn", "create_attn", "list_attns", "attn_info", "attn_class"]
 
 FAMILIES = (
@@ -112,6 +114,11 @@ def register_attn(name: str, **info: Any):
     record = AttnInfo(name=name, **info)
 
     def decorator(cls: type[nn.Module]) -> type[nn.Module]:
+        if not issubclass(cls, AttnBlock):
+            # AttnBlock is where arguments and inputs are checked (types, dtype, batch of one in training).
+            raise TypeError(
+                f"{cls.__qualname__}: a registered block must derive from visattn.layers.AttnBlock"
+            )
         if name in _REGISTRY:
             raise ValueError(
                 f"attention block {name!r} is already registered by {_REGISTRY[name][0].__qualname__}; "
@@ -163,7 +170,9 @@ def create_attn(name: str, channels: int, **kwargs: Any) -> nn.Module:
 
     Usable as timm's ``attn_layer``: ``functools.partial(visattn.create_attn, "cbam")``.
     Unknown names raise ValueError (with the closest names); unknown keywords raise TypeError naming
-    the block and its accepted keywords.
+    the block and its accepted keywords; a value of the wrong type or out of range raises ValueError
+    naming the block and the parameter (checked by :class:`~visattn.layers.AttnBlock`, so direct class
+    use gets the same checks).
     """
     cls, _ = _lookup(name)
     accepted = [p for p in list(inspect.signature(cls.__init__).parameters)[2:]]
