@@ -173,8 +173,14 @@ class Reformer(AttnBlock):
                 bias = bias - self._counts(codes, nexts, qpos, back).log_()
 
         sq = gather_tokens(qk, perm).unflatten(3, (nc, m))  # (b, h, R, nc, m, d)
-        sk = _look_back(gather_tokens(F.normalize(qk, dim=-1), perm).unflatten(3, (nc, m)), 3, back)
+        # The padding keys are zero vectors: F.normalize's default eps (1e-12) is 0 in float16, giving 0/0.
+        eps = max(1e-12, torch.finfo(qk.dtype).tiny)
+        sk = _look_back(gather_tokens(F.normalize(qk, dim=-1, eps=eps), perm).unflatten(3, (nc, m)), 3, back)
         sv = _look_back(gather_tokens(v, perm).unflatten(3, (nc, m)), 3, back)
+        if torch.finfo(qk.dtype).max < 2 * SELF_PENALTY:
+            # float16 has no -1e5: saturate the finite penalties (-inf stays -inf), else a query whose
+            # only key is its own gets a row of -inf and a NaN output.
+            bias = torch.where(bias.isinf(), bias, bias.clamp_min(torch.finfo(qk.dtype).min / 2))
         dots = sq @ sk.transpose(-1, -2) + bias.to(qk.dtype)  # (b, h, R, nc, m, w)
         out, lse = attend_lse(dots, sv)
         out = gather_tokens(out.flatten(3, 4), inv)  # unsort

@@ -503,6 +503,12 @@ class KernelAttnBlock(AttnBlock):
                 eps=self.eps,
                 recompute=self.recompute,
             )
+        if out.dtype != tokens.dtype:
+            # Saturate rather than overflow when narrowing to float16: a clamped denominator (the trig
+            # features' known weakness) can exceed its range, and inf times the zero-initialised
+            # projection is NaN.
+            big = torch.finfo(tokens.dtype).max
+            out = out.clamp(-big, big)
         return rearrange(out, "b h n d -> b n (h d)").to(tokens.dtype)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,10 @@ def check_ref_size(ref_size, block: str) -> tuple[int, int]:
 def _interpolate(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     # Always interpolated, even to the same size (then exactly the identity): a shape test here would
     # specialise torch.export / ONNX graphs to one resolution.
+    if grid.dtype in (torch.float16, torch.bfloat16):
+        # Antialiased resampling has no half-precision CPU kernel; float32 costs nothing at these sizes.
+        out = F.interpolate(grid.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        return out.to(grid.dtype)
     return F.interpolate(grid, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
