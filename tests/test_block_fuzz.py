@@ -1,10 +1,10 @@
 """Property-based fuzzing of every registered block (issue 18, "Tensors and hyperparameters").
 
-For random batch and map sizes, input dtypes, channel counts, train/eval mode and hyperparameters drawn
-from each constructor's own signature (the default, a perturbed number, 0, a negative, a string, None,
-a float for an int, a bool), a block either builds and returns a finite tensor of the input's shape
-and dtype (exactly the input for an identity-at-init block built with its defaults), or raises a
-ValueError. Any other exception, a ValueError from the construction backstop
+For random batch and map sizes, input dtypes and memory layouts (contiguous, channels_last, a strided
+view), channel counts, train/eval mode and hyperparameters drawn from each constructor's own signature
+(the default, a perturbed number, 0, a negative, a string, None, a float for an int, a bool), a block
+either builds and returns a finite tensor of the input's shape and dtype (exactly the input for an
+identity-at-init block built with its defaults), or raises a ValueError. Any other exception, a ValueError from the construction backstop
 (:class:`~visattn.layers.block.UncheckedConstructionError`: a missing hyperparameter check), or a
 ValueError from a valid input to a built block fails.
 """
@@ -109,6 +109,7 @@ def cases(draw, name: str):
         w=draw(st.integers(1, 13)),
         x_dtype=x_dtype,
         train=draw(st.booleans()),
+        layout=draw(st.sampled_from(["contiguous", "contiguous", "channels_last", "strided"])),
     )
 
 
@@ -128,7 +129,12 @@ def run_case(name: str, case: dict) -> str:
     block.train(case["train"])
     c = case["channels"]
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(case["b"], c, case["h"], case["w"], generator=g)
+    if case["layout"] == "strided":  # a view with gaps, as slicing a larger map gives
+        x = torch.randn(case["b"], c, 2 * case["h"], case["w"] + 1, generator=g)[:, :, ::2, 1:]
+    else:
+        x = torch.randn(case["b"], c, case["h"], case["w"], generator=g)
+    if case["layout"] == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
     x = x.to(case["x_dtype"]) if case["x_dtype"].is_floating_point else (x * 4).to(case["x_dtype"])
     block_dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), None)
     valid_input = case["x_dtype"] == block_dtype
@@ -326,3 +332,15 @@ def test_only_attn_blocks_can_be_registered():
                 super().__init__()
 
     assert "tmp_plain_module" not in visattn.list_attns()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_any_memory_layout(name):
+    # Found by the fuzzer: lambda viewed a channels_last map as if it were contiguous.
+    torch.manual_seed(0)
+    block = visattn.create_attn(name, 16).eval()
+    dense = torch.randn(2, 16, 5, 6, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = block(dense)
+        for x in (dense.to(memory_format=torch.channels_last), dense.repeat_interleave(2, dim=-1)[..., ::2]):
+            torch.testing.assert_close(block(x), ref, atol=1e-5, rtol=1e-5)

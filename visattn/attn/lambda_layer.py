@@ -168,7 +168,7 @@ class LambdaLayer(AttnBlock):
         q = self.norm_q(q).view(b, self.heads, self.dim_k, n)
         # Channel orders (k u) and (v u) make every reshape below a view.
         k = k.view(b, self.dim_k, self.dim_u, n).softmax(dim=-1)
-        v = self.norm_v(v)
+        v = self.norm_v(v).contiguous()  # a channels_last input would make the (b v) view below fail
 
         # γ enters through the two lambdas, which are linear in it and small (|k| x |v| and the
         # embeddings): x + γ·y exactly, without keeping a (C, N) tensor for γ's gradient.
