@@ -36,6 +36,7 @@ __all__ = [
     "load_pretrained",
     "pretrained_path",
     "load_zoo",
+    "package_data_file",
     "zoo_config",
     "zoo_entry",
     "zoo_file",
@@ -48,12 +49,48 @@ class CheckpointError(VisattnError, RuntimeError):
     """A checkpoint that cannot be downloaded, fails its hash check, or cannot be read."""
 
 
+def package_data_file(relative: str) -> Path:
+    """A file of the package's run-time data (``visattn/_data/<relative>``), read through
+    ``importlib.resources`` so a checkout, an editable install and an installed wheel find the same file.
+
+    In the repository ``visattn/_data/`` links to the top-level ``model_zoo/`` and ``configs/demo.yaml``
+    (the one source); a wheel carries copies of their targets. Raises FileNotFoundError naming the file
+    and the likely cause when it is missing.
+    """
+    from importlib.resources import as_file, files
+
+    resource = files("visattn").joinpath("_data", *relative.split("/"))
+    if isinstance(resource, Path):
+        path = resource
+    else:
+        # A zipped install: extract once; the extracted file lives as long as the process.
+        path = _extract(resource, as_file)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"visattn's package data file _data/{relative} is missing at {path}: the installation is "
+            "incomplete (a wheel built without its package data, or a checkout whose symbolic links in "
+            "visattn/_data/ were not created, e.g. git with core.symlinks=false); reinstall visattn"
+        )
+    return path
+
+
+_EXTRACTED: list[Any] = []
+
+
+def _extract(resource: Any, as_file: Any) -> Path:
+    context = as_file(resource)
+    path = Path(context.__enter__())
+    _EXTRACTED.append(context)  # kept open: the temporary file must outlive this call
+    return path
+
+
 def zoo_file() -> Path:
-    """Path of the zoo index (``$VISATTN_ZOO`` overrides the copy next to the package)."""
+    """Path of the zoo index: ``$VISATTN_ZOO`` when set, else the package data copy of the repository's
+    ``model_zoo/segmentation.yaml`` (:func:`package_data_file`)."""
     override = os.environ.get("VISATTN_ZOO")
     if override:
         return Path(override)
-    return Path(__file__).resolve().parent.parent / "model_zoo" / "segmentation.yaml"
+    return package_data_file("model_zoo/segmentation.yaml")
 
 
 @functools.lru_cache(maxsize=4)

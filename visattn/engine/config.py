@@ -448,10 +448,11 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 
 def demo_config_path() -> Path:
-    here = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
-    if here.is_file():
-        return here
-    return Path(__file__).with_name("demo.yaml")
+    """The embedded demo config: package data (``visattn/_data/demo.yaml``, the repository's
+    ``configs/demo.yaml``), so ``visattn train`` without a config works from an installed wheel too."""
+    from ..hub import package_data_file
+
+    return package_data_file("demo.yaml")
 
 
 # -- checking -------------------------------------------------------------------------------------
