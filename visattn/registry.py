@@ -184,8 +184,15 @@ def create_attn(name: str, channels: int, **kwargs: Any) -> nn.Module:
     return cls(channels, **kwargs)
 
 
-def list_attns(filter: str = "*", *, causal: bool | None = None, native_2d: bool | None = None) -> list[str]:
-    """Sorted registered names matching the fnmatch pattern ``filter`` and the optional flags."""
+def list_attns(
+    filter: str = "*", *, causal: bool | None = None, native_2d: bool | None = None, vit: bool | None = None
+) -> list[str]:
+    """Sorted registered names matching the fnmatch pattern ``filter`` and the optional flags
+    (``vit``: runs as the attention of a timm ViT, :data:`visattn.models.vit.MIXERS`)."""
+    if vit is not None:
+        from .models.vit import MIXERS  # the capability table lives with the ViT adapter
+
+        return [n for n in list_attns(filter, causal=causal, native_2d=native_2d) if (n in MIXERS) == vit]
     out = []
     for name, (_, info) in _REGISTRY.items():
         if not fnmatch.fnmatchcase(name, filter):

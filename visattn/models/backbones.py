@@ -355,6 +355,14 @@ def create_model(
     _check_backbone(backbone)
     if attn is not None:
         attn_info(attn)
+    from . import vit  # ViT families take the method as their attention (timm's attn_layer hook)
+
+    if vit.is_vit_backbone(backbone):
+        if stages is not None or placement != "block":
+            raise ValueError(
+                f"{backbone}: stages/placement apply to CNNs; a ViT's mixer replaces every attention layer"
+            )
+        return vit.create_vit(backbone, attn, attn_kwargs=attn_kwargs, pretrained=pretrained, **timm_kwargs)
     features_only = timm_kwargs.pop("features_only", False)
     out_indices = timm_kwargs.pop("out_indices", None)
     output_fmt = timm_kwargs.pop("output_fmt", "NCHW")
