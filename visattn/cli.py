@@ -207,6 +207,18 @@ def _cmd_support(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_viz(args: argparse.Namespace) -> int:
+    from .viz.command import run_viz  # the viz extra is imported only by its commands
+
+    return run_viz(args)
+
+
+def _cmd_explore(args: argparse.Namespace) -> int:
+    from .viz.command import run_explore
+
+    return run_explore(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="visattn", description="Efficient attention blocks for computer vision.")
     parser.add_argument(
@@ -281,6 +293,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("docs", help="regenerate docs/blocks.md")
     p.add_argument("-o", "--output", type=writable_file, default="docs/blocks.md")
     p.set_defaults(func=_cmd_docs)
+
+    from .viz.command import add_explore_arguments, add_viz_arguments  # argparse only, no plotting
+
+    p = sub.add_parser("viz", help="a block's query map (what one pixel attends to) over a photo, as PNG")
+    add_viz_arguments(p)
+    p.set_defaults(func=_cmd_viz)
+
+    p = sub.add_parser("explore", help="a local web page: pick a block, click a pixel, see its map live")
+    add_explore_arguments(p)
+    p.set_defaults(func=_cmd_explore)
 
     add_predict_parser(sub)
     add_train_test_parsers(sub)
