@@ -320,7 +320,8 @@ class NystromCore(MixerCore):
     means of the patch q/k over an (lh, lw) grid (:func:`visattn.attn.nystrom.cell_means`) plus the prefix
     tokens. ``pinv_iterations=None`` uses an exact pseudo-inverse. The paper's depthwise conv skip on V is a
     new parameter that would change the pretrained function, so the mixer leaves it out. Dense limit:
-    a landmark grid at least the patch grid, with the exact pseudo-inverse."""
+    a landmark grid at least the patch grid (capped at it: every patch is a landmark), with the exact
+    pseudo-inverse."""
 
     def __init__(self, dim: int, heads: int, *, landmarks: int | tuple[int, int] = 64,
                  pinv_iterations: int | None = 6) -> None:  # fmt: skip
@@ -337,9 +338,12 @@ class NystromCore(MixerCore):
         from ..attn.nystrom import cell_means, newton_schulz_pinv
 
         height, width = grid
+        # More cells than patches along an axis would repeat patches as landmarks: they add nothing and make
+        # the landmark kernel singular, so the landmark grid is capped at the patch grid.
+        cells_hw = (min(self.grid[0], height), min(self.grid[1], width))
 
         def landmarks(t):
-            cells = cell_means(rearrange(t[:, :, prefix:], "b h (y x) d -> b h d y x", y=height), self.grid)
+            cells = cell_means(rearrange(t[:, :, prefix:], "b h (y x) d -> b h d y x", y=height), cells_hw)
             return torch.cat([t[:, :, :prefix], rearrange(cells, "b h d y x -> b h (y x) d")], dim=2)
 
         q_land, k_land = landmarks(q), landmarks(k)

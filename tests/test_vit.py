@@ -1,0 +1,255 @@
+"""Efficient attention as the attention of timm ViTs (visattn.models.vit, issue 17).
+
+Most tests use a tiny ViT (embed 32, 2 blocks, 2 heads, a class and a register token) built from timm's own
+``vit_small_patch16_224`` entry point; its "pretrained" weights are a random state dict of timm's dense ViT
+in a local file (``pretrained_cfg_overlay=dict(file=...)``: no network). The q/k weights are scaled up so
+that attention is far from uniform, otherwise every approximation would look exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import visattn
+from visattn.models.vit import MIXERS, ViTMixer, attach_grid, mixer_class
+
+NAME = "vit_small_patch16_224"
+TINY = dict(embed_dim=32, depth=2, num_heads=2, reg_tokens=1, dynamic_img_size=True)
+# A setting with exactly dense attention on every grid used below (at most 14 x 14 patches).
+DENSE_LIMIT = {
+    "nonlocal": {},
+    "longformer": {"kernel_size": 27},
+    "isa": {"down_factor": 14},
+    "sparse_transformer": {"stride": 196},
+    "nystrom": {"landmarks": (14, 14), "pinv_iterations": None},
+    "smyrf": {"cluster_size": 196},
+}
+
+
+def _random_dense_state(qk_gain: float = 2.0, **kwargs) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = timm.create_model(NAME, **kwargs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    for k, v in state.items():
+        # timm's 0.02-std init makes every residual branch tiny; unit-gain weights make attention matter.
+        if v.dim() == 2 and k != "head.weight":
+            v.normal_(0, v.shape[1] ** -0.5, generator=g)
+        if k.endswith("attn.qkv.weight"):  # q and k rows: peaked attention maps
+            v[: 2 * v.shape[1]] *= qk_gain
+    return state
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vit") / "tiny_vit.safetensors"
+    save_file(_random_dense_state(**TINY), str(path))
+    return path
+
+
+def _build(attn, path, **attn_kwargs):
+    return visattn.create_model(
+        NAME,
+        attn,
+        attn_kwargs=attn_kwargs or None,
+        pretrained=True,
+        pretrained_cfg_overlay=dict(file=str(path)),
+        **TINY,
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def soft_file(tmp_path_factory):
+    """Milder q/k (FAVOR+ random features converge only for moderate q·k, as the Performer paper notes)."""
+    path = tmp_path_factory.mktemp("vit") / "soft_vit.safetensors"
+    save_file(_random_dense_state(qk_gain=0.5, **TINY), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_file):
+    return timm.create_model(
+        NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(tiny_file)), **TINY
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def images():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "224": torch.randn(1, 3, 224, 224, generator=g),
+        "160x96": torch.randn(2, 3, 160, 96, generator=g),
+    }
+
+
+def test_list_attns_vit_is_the_capability_table():
+    mixers = visattn.list_attns(vit=True)
+    assert mixers == sorted(MIXERS)
+    assert len(mixers) == 12
+    assert set(visattn.list_attns(vit=False)) == set(visattn.list_attns()) - set(mixers)
+    assert "cbam" not in mixers and "gcnet" not in mixers
+    assert visattn.list_attns("perf*", vit=True) == ["performer", "performer_v1"]
+
+
+@pytest.mark.parametrize("attn", sorted(MIXERS))
+def test_pretrained_keys_forward_backward(attn, tiny_file, dense, images, caplog):
+    with caplog.at_level(logging.INFO, logger="visattn.models.vit"):
+        model = _build(attn, tiny_file)
+    assert isinstance(model, timm.models.VisionTransformer)
+    mixers = [m for m in model.modules() if isinstance(m, ViTMixer)]
+    assert len(mixers) == 2 and all(m.method == attn for m in mixers)
+    # timm's keys exactly (strict load succeeded), the weights are the checkpoint's
+    assert model.state_dict().keys() == dense.state_dict().keys()
+    torch.testing.assert_close(
+        model.blocks[1].attn.qkv.weight, dense.blocks[1].attn.qkv.weight, rtol=0, atol=0
+    )
+    lines = [r.getMessage() for r in caplog.records if "new parameters" in r.getMessage()]
+    assert lines == [
+        f"visattn: {attn} attention in 2 layer(s) of {NAME} (timm's weights); the method's new parameters: none"
+    ]
+    model.train()
+    for key, x in images.items():
+        model.zero_grad()
+        logits = model(x)
+        assert logits.shape == (x.shape[0], 1000), key
+        logits.square().mean().backward()
+        for name, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), (key, name)
+        assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("attn", sorted(DENSE_LIMIT))
+def test_dense_limit_equals_timm_dense(attn, tiny_file, dense, images):
+    model = _build(attn, tiny_file, **DENSE_LIMIT[attn])
+    with torch.no_grad():
+        for key, x in images.items():
+            err = (model(x) - dense(x)).abs().max().item()
+            assert err <= 1e-5, (attn, key, err)
+
+
+@pytest.mark.parametrize("attn", ["ccnet", "axial", "linear", "performer", "longformer"])
+def test_non_dense_settings_differ_from_dense(attn, tiny_file, dense, images):
+    """The equality above is not trivial: these key sets / kernels change the logits visibly."""
+    model = _build(attn, tiny_file, **({"kernel_size": 3} if attn == "longformer" else {}))
+    with torch.no_grad():
+        x = images["160x96"]
+        assert (model(x) - dense(x)).abs().max().item() > 1e-3
+
+
+def _errors(attn, path, x, settings):
+    dense = timm.create_model(
+        NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **TINY
+    ).eval()
+    with torch.no_grad():
+        ref = dense(x)
+        return [(_build(attn, path, **s)(x) - ref).square().mean().sqrt().item() for s in settings]
+
+
+@pytest.mark.parametrize(
+    "attn, settings",
+    [
+        ("performer", [{"num_features": m} for m in (4, 64, 4096)]),
+        ("nystrom", [{"landmarks": m, "pinv_iterations": None} for m in ((2, 2), (6, 6), (12, 12))]),
+        ("smyrf", [{"cluster_size": c, "n_hashes": 2} for c in (4, 32, 128)]),
+        ("longformer", [{"kernel_size": k} for k in (3, 9, 19)]),
+    ],
+)
+def test_error_to_dense_shrinks_with_budget(attn, settings, soft_file, images):
+    errs = _errors(attn, soft_file, images["224"], settings)
+    assert errs[0] > errs[1] > errs[2], (attn, errs)
+    assert errs[2] < 0.5 * errs[0], (attn, errs)
+
+
+def test_prefix_tokens_are_global(tiny_file, images):
+    """A patch far outside a 3 x 3 window still changes the class token's output (it attends everything), and
+    the class token's input changes every patch output (everything attends it)."""
+    model = _build("longformer", tiny_file, kernel_size=3)
+    attn = model.blocks[0].attn
+    x = torch.randn(1, 2 + 10 * 6, 32, requires_grad=True)
+    attn._grid_ctx.grid = (10, 6)
+    out = attn(x)
+    (cls_grad,) = torch.autograd.grad(out[0, 0].sum(), x, retain_graph=True)
+    assert cls_grad[0, 2:].abs().sum(-1).gt(0).all()  # the class token reads every patch
+    (patch_grad,) = torch.autograd.grad(out[0, 2:].sum(), x)
+    assert patch_grad[0, 0].abs().sum() > 0  # every patch reads the class token (through its key/value)
+
+
+def test_window_receptive_field_on_the_2d_grid(tiny_file):
+    """Patch tokens lie on the H x W grid in raster order: a 3 x 3 window reads its 2D neighbours only."""
+    model = _build("longformer", tiny_file, kernel_size=3)
+    attn = model.blocks[0].attn
+    attn._grid_ctx.grid = (10, 6)
+    x = torch.randn(1, 2 + 60, 32, requires_grad=True)
+    r, c = 4, 3
+    (g,) = torch.autograd.grad(attn(x)[0, 2 + r * 6 + c].sum(), x)
+    read = g[0, 2:].abs().sum(-1).reshape(10, 6) > 0
+    expected = torch.zeros(10, 6, dtype=torch.bool)
+    expected[r - 1 : r + 2, c - 1 : c + 2] = True
+    assert torch.equal(read, expected)
+    assert g[0, :2].abs().sum(-1).gt(0).all()
+
+
+def test_real_vit_small_shapes(tmp_path, caplog):
+    path = tmp_path / "vit_small.safetensors"
+    save_file(_random_dense_state(), str(path))
+    overlay = dict(file=str(path))
+    dense = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=overlay).eval()
+    model = visattn.create_model(
+        NAME, "longformer", attn_kwargs={"kernel_size": 27}, pretrained=True, pretrained_cfg_overlay=overlay
+    ).eval()
+    assert model.state_dict().keys() == dense.state_dict().keys()
+    assert model.blocks[11].attn.num_heads == 6 and model.blocks[11].attn.qkv.in_features == 384
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(x) - dense(x)).abs().max().item() <= 1e-5
+
+
+def test_timm_attn_layer_directly():
+    """The mixer class is a plain timm attn_layer; without the grid hook a square grid is inferred (warned)."""
+    torch.manual_seed(0)
+    model = timm.create_model(NAME, attn_layer=mixer_class("performer", num_features=16), **TINY).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with pytest.warns(UserWarning, match="inferred as 4x4 with 2 prefix"):
+        y = model(x)
+    attach_grid(model)
+    torch.testing.assert_close(model(x), y)
+    assert model(torch.randn(1, 3, 64, 32)).shape == (1, 1000)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (dict(attn="cbam"), r"cbam cannot be a ViT attention: a channel/spatial gate .* does not mix tokens"),
+        (dict(attn="gcnet"), r"gcnet cannot be a ViT attention: .*ViT mixers: axial, ccnet"),
+        (dict(attn="reformer"), r"reformer cannot be a ViT attention: no functional core"),
+        (
+            dict(attn="performer", attn_kwargs={"heads": 4}),
+            r"performer as a ViT attention does not take \['heads'\]",
+        ),
+        (dict(attn="performer", stages=(1,)), r"stages/placement apply to CNNs"),
+        (dict(attn="performer", attn_drop_rate=0.1), r"attn_drop=0.1 is not supported"),
+        (dict(attn="longformer", attn_kwargs={"kernel_size": 4}), r"kernel_size must be odd"),
+        (dict(attn="nope"), r"nope"),
+    ],
+)
+def test_refusals(call, match):
+    with pytest.raises(ValueError, match=match):
+        visattn.create_model(NAME, **TINY, **call)
+
+
+def test_unknown_transformer_family_lists_supported():
+    with pytest.raises(
+        ValueError, match=r"swin_transformer.*supported transformer families: vision_transformer"
+    ):
+        visattn.create_model("swin_tiny_patch4_window7_224", "performer")
+
+
+def test_cnn_path_unchanged():
+    model = visattn.create_model("resnet18", "gcnet", num_classes=3).eval()
+    assert not any(isinstance(m, ViTMixer) for m in model.modules())
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
