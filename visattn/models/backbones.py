@@ -351,8 +351,28 @@ def create_model(
             ``checkpoint_path`` work offline); the attention blocks keep their initialisation.
         **timm_kwargs: passed to ``timm.create_model`` (``num_classes``, ``output_stride``, ``features_only``,
             ``out_indices``, ``drop_path_rate`` ...).
+
+    ``backbone="local-dir:PATH"`` or ``"hf-hub:org/name"`` rebuilds a model saved by
+    :func:`visattn.models.hf.save_pretrained` (blocks and weights; the architecture comes from its
+    ``config.json``, so ``attn``, ``attn_kwargs``, ``stages`` and ``placement`` must be left out).
     """
+    if isinstance(backbone, str) and backbone.startswith(("local-dir:", "hf-hub:")):
+        from .hf import load_model
+
+        given = {"attn": attn, "attn_kwargs": attn_kwargs, "stages": stages}
+        given = {k: v for k, v in given.items() if v is not None}
+        if placement != "block":
+            given["placement"] = placement
+        return load_model(backbone, **given, **timm_kwargs)
     _check_backbone(backbone)
+    recorded = dict(
+        backbone=backbone,
+        attn=attn,
+        attn_kwargs=attn_kwargs,
+        stages=stages,
+        placement=placement,
+        **timm_kwargs,
+    )
     if attn is not None:
         attn_info(attn)
     from . import vit  # ViT families take the method as their attention (timm's attn_layer hook)
@@ -391,4 +411,8 @@ def create_model(
         model = FeatureListNet(
             model, out_indices=out_indices, output_fmt=output_fmt, flatten_sequential=flatten
         )
+        recorded.update(features_only=True, out_indices=out_indices, output_fmt=output_fmt)
+    from .hf import record_model_args
+
+    record_model_args(model, recorded)  # what save_pretrained writes to config.json
     return model

@@ -284,6 +284,15 @@ class Segmentor(nn.Module):
             self.train(was_training)
         return logits if return_logits else logits.argmax(dim=0)
 
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any):
+        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` into ``directory``
+        (atomically; a non-empty folder only with ``overwrite=True``); ``create_segmentor("local-dir:DIR")``
+        or, uploaded, ``"hf-hub:org/name"`` rebuilds this model exactly. Keywords (``overwrite``,
+        ``train_config``, ``results``, ``run_dir``, ``test_cfg``): :func:`visattn.models.hf.save_pretrained`."""
+        from .hf import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
+
     def _warn_if_random(self) -> None:
         if not self.random_weights or getattr(self, "_random_weights_warned", False):
             return
@@ -366,6 +375,13 @@ def resolve_config(name_or_cfg: str | os.PathLike | Mapping[str, Any], **overrid
 
     if isinstance(name_or_cfg, Mapping):
         cfg = dict(name_or_cfg)
+    elif isinstance(name_or_cfg, str) and name_or_cfg.startswith(("local-dir:", "hf-hub:")):
+        from .hf import read_config
+
+        config = read_config(name_or_cfg)
+        if config["visattn"]["kind"] != "segmentor":
+            raise ValueError(f"{name_or_cfg} holds a backbone, not a segmentor; use visattn.create_model")
+        cfg = dict(config["config"])
     elif isinstance(name_or_cfg, (str, os.PathLike)):
         text = os.fspath(name_or_cfg)
         if text in hub.list_pretrained():
@@ -466,8 +482,12 @@ def create_segmentor(
     ``pretrained=True`` downloads the zoo checkpoint into the torch.hub cache (or ``$VISATTN_HOME``),
     checks its hash and loads it strictly after converting mmseg's keys.
 
+    ``"local-dir:PATH"`` / ``"hf-hub:org/name[@revision]"`` rebuild a segmentor saved with
+    :meth:`Segmentor.save_pretrained` and load its weights (always: that is what the folder is for).
+
     Args:
-        name_or_cfg: zoo name, config mapping or YAML file (keys: ``segmentor.DEFAULT_CONFIG``).
+        name_or_cfg: zoo name, config mapping, YAML file (keys: ``segmentor.DEFAULT_CONFIG``), or a saved
+            folder / Hub repository as above.
         pretrained: load the zoo checkpoint of this name.
         **overrides: config keys to replace (``num_classes=...``, ``aux=False``, ``head_kwargs={...}``), and
             ``checkpoint_path=`` (a local checkpoint, mmseg or visattn layout, .pth or .safetensors;
@@ -475,6 +495,17 @@ def create_segmentor(
     """
     from .. import hub
 
+    if isinstance(name_or_cfg, str) and name_or_cfg.startswith(("local-dir:", "hf-hub:")):
+        from .hf import load_segmentor
+
+        if overrides.get("checkpoint_path") is not None:
+            raise ValueError(
+                f"create_segmentor({name_or_cfg!r}) loads the saved weights; checkpoint_path= is for zoo names and "
+                "configs (load a checkpoint into it with visattn.engine.checkpoint.load_weights)"
+            )
+        overrides.pop("checkpoint_path", None)
+        overrides.pop("progress", None)
+        return load_segmentor(name_or_cfg, **overrides)
     checkpoint_path = overrides.pop("checkpoint_path", None)
     progress = overrides.pop("progress", True)
     cfg = resolve_config(name_or_cfg, **overrides)

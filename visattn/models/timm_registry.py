@@ -6,6 +6,10 @@ registered name does, so these names are how a model with attention is saved wit
 
 Each entry's ``pretrained_cfg`` is the backbone's timm default; loading it fills the backbone and
 leaves the attention at its initialisation; loading a saved visattn model fills both.
+
+``visattn_model`` is the generic architecture behind any ``visattn.create_model`` result (its arguments
+travel in ``config.json``'s ``model_args``): what ``visattn.models.hf.save_pretrained`` records, so
+timm's ``local-dir:`` / ``hf-hub:`` loading rebuilds models that no registered name describes.
 """
 
 from __future__ import annotations
@@ -20,7 +24,13 @@ from timm.models import FeatureListNet, load_pretrained, register_model
 from ..registry import list_attns
 from .backbones import _feature_info, create_model
 
-__all__ = ["REGISTERED_BACKBONES", "REGISTERED_ATTNS", "registered_model_names", "default_cfgs"]
+__all__ = [
+    "REGISTERED_BACKBONES",
+    "REGISTERED_ATTNS",
+    "registered_model_names",
+    "default_cfgs",
+    "visattn_model",
+]
 
 _logger = logging.getLogger("visattn")
 
@@ -102,7 +112,24 @@ def registered_model_names() -> list[str]:
     )
 
 
+def visattn_model(pretrained: bool = False, **kwargs: Any):
+    """Any ``visattn.create_model`` result: ``timm.create_model("visattn_model", backbone=..., attn=...,
+    attn_kwargs=..., stages=..., placement=...)``. This is the architecture that
+    :func:`visattn.models.hf.save_pretrained` writes into ``config.json`` (arguments in ``model_args``), so
+    ``timm.create_model("local-dir:PATH" or "hf-hub:ID", pretrained=True)`` rebuilds a saved model with
+    its blocks and loads its weights."""
+    from .hf import build_for_timm
+
+    pretrained_cfg = kwargs.pop("pretrained_cfg", None)
+    kwargs.pop("pretrained_cfg_overlay", None)
+    kwargs.pop("pretrained_model_args", None)  # timm's copy of model_args, already merged into kwargs
+    cache_dir = kwargs.pop("cache_dir", None)
+    return build_for_timm(pretrained, pretrained_cfg, cache_dir, kwargs)
+
+
 def _register_all() -> None:
+    default_cfgs["visattn_model"] = {"architecture": "visattn_model"}
+    globals()["visattn_model"] = register_model(visattn_model)
     for backbone in REGISTERED_BACKBONES:
         base = dataclasses.asdict(timm.models.get_pretrained_cfg(backbone))
         for attn in REGISTERED_ATTNS:
