@@ -99,6 +99,12 @@ def files(tmp_path_factory):
     ],
 )
 def test_argparse_errors_are_one_line_and_exit_2(argv, command, needle, capsys, tmp_path, monkeypatch):
+    from visattn.bench import runner
+
+    def no_sweep(*args, **kwargs):
+        raise AssertionError("a bad argument reached the sweep")
+
+    monkeypatch.setattr(runner, "run_sweep", no_sweep)
     monkeypatch.chdir(tmp_path)
     code = cli.main(argv)
     err = capsys.readouterr().err
