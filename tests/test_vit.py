@@ -90,7 +90,7 @@ def images():
 def test_list_attns_vit_is_the_capability_table():
     mixers = visattn.list_attns(vit=True)
     assert mixers == sorted(MIXERS)
-    assert len(mixers) == 12
+    assert len(mixers) == 13
     assert set(visattn.list_attns(vit=False)) == set(visattn.list_attns()) - set(mixers)
     assert "cbam" not in mixers and "gcnet" not in mixers
     assert visattn.list_attns("perf*", vit=True) == ["performer", "performer_v1"]
@@ -132,7 +132,7 @@ def test_dense_limit_equals_timm_dense(attn, tiny_file, dense, images):
             assert err <= 1e-5, (attn, key, err)
 
 
-@pytest.mark.parametrize("attn", ["ccnet", "axial", "linear", "performer", "longformer"])
+@pytest.mark.parametrize("attn", ["ccnet", "axial", "linear", "performer", "longformer", "dpfp"])
 def test_non_dense_settings_differ_from_dense(attn, tiny_file, dense, images):
     """The equality above is not trivial: these key sets / kernels change the logits visibly."""
     model = _build(attn, tiny_file, **({"kernel_size": 3} if attn == "longformer" else {}))
@@ -225,7 +225,7 @@ def test_timm_attn_layer_directly():
     "call, match",
     [
         (dict(attn="cbam"), r"cbam cannot be a ViT attention: a channel/spatial gate .* does not mix tokens"),
-        (dict(attn="gcnet"), r"gcnet cannot be a ViT attention: .*ViT mixers: axial, ccnet"),
+        (dict(attn="gcnet"), r"gcnet cannot be a ViT attention: .*ViT mixers: axial, ccnet, dpfp"),
         (dict(attn="reformer"), r"reformer cannot be a ViT attention: no functional core"),
         (
             dict(attn="performer", attn_kwargs={"heads": 4}),

@@ -282,13 +282,16 @@ class KernelCore(MixerCore):
     """Linear attention φ(q)(φ(k)ᵀv) of every patch over all tokens (prefix included), with the kernel of
     the method: ``elu`` (Katharopoulos et al.), ``favor+`` (Performer: positive orthogonal random
     features of softmax's kernel exp(q·k/√d)), ``trig`` (Performer v1), ``efficient`` (Efficient
-    Attention: softmax of q over its channels, of k over the tokens). The random projection is a
+    Attention: softmax of q over its channels, of k over the tokens), ``dpfp`` (DPFP's deterministic
+    features with the sum update of linear attention; the delta-rule update is sequential). The random projection is a
     non-persistent buffer drawn from ``seed``: a checkpoint never holds it and every run rebuilds it."""
 
     def __init__(self, dim: int, heads: int, *, kernel: str, num_features: int | None = None,
-                 seed: int = 0) -> None:  # fmt: skip
+                 seed: int = 0, nu: int = 1) -> None:  # fmt: skip
         super().__init__(dim, heads)
-        self.kernel = kernel
+        self.kernel, self.nu = kernel, nu
+        if kernel == "dpfp" and (isinstance(nu, bool) or not isinstance(nu, int) or nu < 1):
+            raise ValueError(f"dpfp (ViT mixer): nu must be a positive int, got {nu!r}")
         if kernel in ("favor+", "trig"):
             d = self.head_dim
             m = max(1, int(d * math.log(d))) if num_features is None else num_features
@@ -306,6 +309,10 @@ class KernelCore(MixerCore):
             fq, fk, _ = favor_plus_features(qp, k, self.projection)
         elif self.kernel == "trig":
             fq, fk, _ = trig_random_features(qp, k, self.projection)
+        elif self.kernel == "dpfp":
+            from ..attn.dpfp import dpfp_features  # the block owns the feature map
+
+            fq, fk = dpfp_features(qp, self.nu), dpfp_features(k, self.nu)
         else:  # efficient: both normalisations are softmaxes, so no denominator is needed
             fq, fk = qp.softmax(dim=-1), k.softmax(dim=-2)
             return fq @ (fk.transpose(-1, -2) @ v)

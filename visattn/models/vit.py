@@ -67,6 +67,7 @@ MIXERS: dict[str, MixerSpec] = {
     "performer": MixerSpec(mc.KernelCore, {"kernel": "favor+"}, {"num_features": None, "seed": 0}, None),
     "performer_v1": MixerSpec(mc.KernelCore, {"kernel": "trig"}, {"num_features": None, "seed": 0}, None),
     "efficient_attention": MixerSpec(mc.KernelCore, {"kernel": "efficient"}, {}, None),
+    "dpfp": MixerSpec(mc.KernelCore, {"kernel": "dpfp"}, {"nu": 1}, None),
     "nystrom": MixerSpec(
         mc.NystromCore,
         {},
