@@ -6,13 +6,22 @@ from typing import Any
 
 from .datasets import ADE20K, CITYSCAPES_ID_TO_TRAIN_ID, Cityscapes, PascalVOC, cityscapes_label_to_train_id
 from .synthetic import SyntheticSegmentation
-from .transforms import RandomCropCatMax, RandomRatioResize, build_train_transform, build_val_transform
+from .transforms import (
+    NormalizePad,
+    PhotoMetricDistortion,
+    RandomCropCatMax,
+    RandomRatioResize,
+    build_train_transform,
+    build_val_transform,
+)
 
 __all__ = [
     "ADE20K",
     "CITYSCAPES_ID_TO_TRAIN_ID",
     "Cityscapes",
+    "NormalizePad",
     "PascalVOC",
+    "PhotoMetricDistortion",
     "RandomCropCatMax",
     "RandomRatioResize",
     "SyntheticSegmentation",
