@@ -154,6 +154,7 @@ def _py(installed, code: str) -> str:
 def test_wheel_carries_the_run_time_data_and_metadata(installed):
     names = zipfile.ZipFile(installed["wheel"]).namelist()
     assert "visattn/_data/model_zoo/segmentation.yaml" in names and "visattn/_data/demo.yaml" in names
+    assert "visattn/viz/explorer.html" in names and "visattn/viz/bench_facts.json" in names
     with zipfile.ZipFile(installed["wheel"]) as whl:
         zoo = whl.read("visattn/_data/model_zoo/segmentation.yaml")
         meta = whl.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
@@ -163,7 +164,7 @@ def test_wheel_carries_the_run_time_data_and_metadata(installed):
         assert any(n.endswith("model_zoo/segmentation.yaml") for n in tar.getnames())
     assert f"Version: {visattn.__version__}" in meta and "License-Expression: Apache-2.0" in meta
     assert "Classifier: Programming Language :: Python :: 3" in meta
-    for extra in ("bench", "export", "smp", "dev"):
+    for extra in ("bench", "export", "smp", "viz", "dev"):
         assert f"Provides-Extra: {extra}" in meta
     out = _run(
         [sys.executable, "-m", "twine", "check", "--strict", *map(str, installed["dist"].iterdir())],
