@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
 
+from visattn.bench import saved_activation_bytes
 from visattn.layers.delta_rule import delta_rule, unit_lower_inverse
 
 F64 = torch.float64
@@ -102,40 +101,12 @@ def test_delta_rule_replaces_instead_of_adding():
     torch.testing.assert_close(out[0], v[0])  # each query k_i reads exactly the value just written
 
 
-def held_saved_bytes(fn, *args, **kwargs) -> int:
-    """Bytes of the distinct storages that autograd still holds for backward when ``fn`` has returned
-    (its output alive).
-
-    Not ``visattn.bench.saved_activation_bytes``: that one keys storages by address during the
-    forward, and a tensor saved by a node freed before the forward ends (the operand of ``abs`` in
-    unit_lower_inverse's flush, say) gives its address back to the allocator; whether a later tensor
-    reuses it depends on the heap's history (earlier tests, threads), so its total moved by up to 15%
-    from run to run (a 4.42 ratio against the 4.4 limit in one full run). Weak references see only
-    what backward really keeps, and that is the same in every run.
-    """
-    saved: list[weakref.ref] = []
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(weakref.ref(t))
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*args, **kwargs)
-    held = {}
-    for ref in saved:
-        t = ref()
-        if t is not None:  # freed ones died with a node that backward never reaches
-            held[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-    del out
-    return sum(held.values())
-
-
 def test_saved_activations_hold_no_per_token_state():
     dk, dv = 64, 32  # DPFP ν = 1 on heads of 32 channels
     sizes, saved = [256, 1024], []
     for n in sizes:
         q, k, v, beta = (t.requires_grad_() for t in inputs(b=1, h=2, n=n, dk=dk, dv=dv, dtype=torch.float32))
-        saved.append(held_saved_bytes(delta_rule, q, k, v, beta, chunk_size=64))
+        saved.append(saved_activation_bytes(delta_rule, q, k, v, beta, chunk_size=64))
     assert saved[1] < 2 * 1024 * dk * dv * 4  # an (N, Dk, Dv) tensor per head would be 2x this
     assert saved[1] / saved[0] < 4.4  # linear in N (4.06: the inputs, N·L terms and N/L states)
 

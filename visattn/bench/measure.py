@@ -8,6 +8,7 @@ below adds it (forward and backward) with the library's own SDPA formulas.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -43,25 +44,33 @@ def count_flops(fn: Callable[..., Any], *args: Any, backward: bool = False, **kw
 
 
 def saved_activation_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
-    """Bytes that autograd saves for backward while running ``fn(*args, **kwargs)``.
+    """Bytes that autograd holds for backward once ``fn(*args, **kwargs)`` has returned (its output alive).
 
     Parameters of ``fn`` (when it is a module) and of module arguments are not activations and are
     excluded; each distinct storage is counted once, so views of one tensor are not double-counted.
+    Saved tensors are followed by weak reference and counted after the call: a tensor saved by a node
+    that the forward itself dropped is not an activation, and counting by address while the forward
+    runs would make the total depend on whether the allocator reuses its address (run-to-run noise).
     """
     modules = [m for m in (fn, *args) if isinstance(m, torch.nn.Module)]
     params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
-    seen: dict[int, int] = {}
+    saved: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in params:
-            seen[ptr] = storage.nbytes()
+        saved.append(weakref.ref(t))
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(*args, **kwargs)
-    return sum(seen.values())
+        out = fn(*args, **kwargs)
+    held: dict[int, int] = {}
+    for ref in saved:
+        t = ref()
+        if t is not None:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                held[storage.data_ptr()] = storage.nbytes()
+    del out
+    return sum(held.values())
 
 
 def growth_exponent(sizes: list[float], values: list[float]) -> float:
