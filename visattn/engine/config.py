@@ -260,6 +260,12 @@ def _model_data_dataset(v: Any) -> bool:
     return isinstance(v, str) and v.lower() in DATASETS
 
 
+def _open_mmlab_init(v: Any) -> bool:
+    from ..models.mmlab_init import OPEN_MMLAB_URLS, PREFIX
+
+    return isinstance(v, str) and v.startswith(PREFIX) and v[len(PREFIX) :] in OPEN_MMLAB_URLS
+
+
 _RGB = Seq(3, Num(), "three numbers [r, g, b] (0-255 scale)")
 # The ``model`` section (a segmentor config, visattn.models.segmentor.DEFAULT_CONFIG): the type and range
 # of each key; names (backbone, head, blocks) and the keyword arguments of the parts are checked by
@@ -268,7 +274,11 @@ MODEL_SPEC: dict[str, Rule] = {
     "name": Str(optional=True),
     "backbone": Str(),
     "backbone_kwargs": Map(optional=True),
-    "backbone_pretrained": Bool(),
+    "backbone_pretrained": Rule(
+        "true (timm's weights), false (random) or 'open-mmlab://resnet50_v1c' / 'open-mmlab://resnet101_v1c' "
+        "(mmseg's initialisation)",
+        lambda v: isinstance(v, bool) or _open_mmlab_init(v),
+    ),
     "backbone_attn": Str(optional=True),
     "backbone_attn_kwargs": Map(optional=True),
     "output_stride": Choice(8, 16, 32, None),

@@ -454,15 +454,20 @@ def build_segmentor(cfg: Mapping[str, Any]) -> Segmentor:
     timm_kwargs = dict(cfg["backbone_kwargs"])
     if cfg["output_stride"] is not None:
         timm_kwargs["output_stride"] = cfg["output_stride"]
+    init = cfg["backbone_pretrained"]  # true: timm's weights; "open-mmlab://...": mmseg's (mmlab_init.py)
     backbone = create_model(
         cfg["backbone"],
         cfg["backbone_attn"],
         attn_kwargs=cfg["backbone_attn_kwargs"] or None,
-        pretrained=bool(cfg["backbone_pretrained"]),
+        pretrained=init is True,
         features_only=True,
         out_indices=(-2, -1),
         **timm_kwargs,
     )
+    if isinstance(init, str):
+        from .mmlab_init import load_open_mmlab_init
+
+        load_open_mmlab_init(backbone, init, backbone_name=cfg["backbone"])
     aux_channels, in_channels = backbone.feature_info.channels()[-2:]
     decode_head = _build_head(cfg, in_channels)
     aux = None
