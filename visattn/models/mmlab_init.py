@@ -108,7 +108,7 @@ def open_mmlab_state_dict(
         url,
         progress=progress,
         model_dir=model_dir,
-        hint="or set model.backbone_pretrained to true (timm's weights) or false (random)",
+        hint="set model.backbone_pretrained to true (timm's weights) or false (random weights)",
     )
     try:
         raw = load_torch_checkpoint(str(path))
