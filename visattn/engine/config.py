@@ -282,6 +282,15 @@ MODEL_SPEC: dict[str, Rule] = {
     "backbone_attn": Str(optional=True),
     "backbone_attn_kwargs": Map(optional=True),
     "output_stride": Choice(8, 16, 32, None),
+    # ViT backbones only: the simple feature pyramid (visattn.models.vit_backbone.NECK_DEFAULTS).
+    "neck_kwargs": Map(
+        {
+            "channels": Int(1),
+            "decode_block": Int(optional=True),
+            "aux_block": Int(optional=True),
+        },
+        optional=True,
+    ),
     "head": Str(),
     "head_kwargs": Map(optional=True),
     "attn": Str(optional=True),

@@ -40,6 +40,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "backbone_attn": None,
     "backbone_attn_kwargs": {},
     "output_stride": 8,
+    "neck_kwargs": {},  # ViT backbones only: visattn.models.vit_backbone.NECK_DEFAULTS
     "head": "fcn",
     "head_kwargs": {},
     "attn": None,
@@ -452,23 +453,52 @@ def build_segmentor(cfg: Mapping[str, Any]) -> Segmentor:
     cfg = resolve_config(cfg)
     num_classes = cfg["num_classes"]
     timm_kwargs = dict(cfg["backbone_kwargs"])
-    if cfg["output_stride"] is not None:
-        timm_kwargs["output_stride"] = cfg["output_stride"]
     init = cfg["backbone_pretrained"]  # true: timm's weights; "open-mmlab://...": mmseg's (mmlab_init.py)
-    backbone = create_model(
-        cfg["backbone"],
-        cfg["backbone_attn"],
-        attn_kwargs=cfg["backbone_attn_kwargs"] or None,
-        pretrained=init is True,
-        features_only=True,
-        out_indices=(-2, -1),
-        **timm_kwargs,
-    )
-    if isinstance(init, str):
-        from .mmlab_init import load_open_mmlab_init
+    from .vit import is_vit_backbone
 
-        load_open_mmlab_init(backbone, init, backbone_name=cfg["backbone"])
-    aux_channels, in_channels = backbone.feature_info.channels()[-2:]
+    if is_vit_backbone(cfg["backbone"]):
+        # A plain ViT has one stride: its blocks' token maps go through ViTDet's simple pyramid
+        # (vit_backbone.py), one level for the decode head (and one for the auxiliary head).
+        from .vit_backbone import build_vit_backbone
+
+        if isinstance(init, str):
+            raise ValueError(
+                f"config key 'backbone_pretrained' ({init!r}) is mmseg's ResNet initialisation; for the ViT "
+                f"{cfg['backbone']} use true (timm's weights) or false"
+            )
+        backbone = build_vit_backbone(
+            cfg["backbone"],
+            cfg["backbone_attn"],
+            attn_kwargs=cfg["backbone_attn_kwargs"],
+            pretrained=init is True,
+            timm_kwargs=timm_kwargs,
+            neck_kwargs=cfg.get("neck_kwargs"),
+            output_stride=cfg["output_stride"],
+            aux=bool(cfg["aux"]),
+        )
+    else:
+        if cfg.get("neck_kwargs"):
+            raise ValueError(
+                f"config key 'neck_kwargs' configures a ViT backbone's feature pyramid; {cfg['backbone']} "
+                "gives its own feature maps: remove it"
+            )
+        if cfg["output_stride"] is not None:
+            timm_kwargs["output_stride"] = cfg["output_stride"]
+        backbone = create_model(
+            cfg["backbone"],
+            cfg["backbone_attn"],
+            attn_kwargs=cfg["backbone_attn_kwargs"] or None,
+            pretrained=init is True,
+            features_only=True,
+            out_indices=(-2, -1),
+            **timm_kwargs,
+        )
+        if isinstance(init, str):
+            from .mmlab_init import load_open_mmlab_init
+
+            load_open_mmlab_init(backbone, init, backbone_name=cfg["backbone"])
+    in_channels = backbone.feature_info.channels()[-1]
+    aux_channels = backbone.feature_info.channels()[-2] if cfg["aux"] else None
     decode_head = _build_head(cfg, in_channels)
     aux = None
     if cfg["aux"]:
