@@ -28,6 +28,12 @@ DENSE_LIMIT = {
     "sparse_transformer": {"stride": 196},
     "nystrom": {"landmarks": (14, 14), "pinv_iterations": None},
     "smyrf": {"cluster_size": 196},
+    "bigbird": {"block_size": 14},
+    "diet": {"kernel_size": 27},
+    "gmat": {"kernel_size": 27},
+    "informer": {"factor": 1000},
+    "scram": {"k": 196},
+    "clustered": {"topk": 198},
 }
 
 
@@ -90,7 +96,7 @@ def images():
 def test_list_attns_vit_is_the_capability_table():
     mixers = visattn.list_attns(vit=True)
     assert mixers == sorted(MIXERS)
-    assert len(mixers) == 13
+    assert len(mixers) == 20
     assert set(visattn.list_attns(vit=False)) == set(visattn.list_attns()) - set(mixers)
     assert "cbam" not in mixers and "gcnet" not in mixers
     assert visattn.list_attns("perf*", vit=True) == ["performer", "performer_v1"]
@@ -132,10 +138,24 @@ def test_dense_limit_equals_timm_dense(attn, tiny_file, dense, images):
             assert err <= 1e-5, (attn, key, err)
 
 
-@pytest.mark.parametrize("attn", ["ccnet", "axial", "linear", "performer", "longformer", "dpfp"])
+SMALL_BUDGET = {
+    "longformer": {"kernel_size": 3},
+    "bigbird": {"block_size": 2},
+    "diet": {"dilation": 2},
+    "gmat": {"kernel_size": 3},
+    "scram": {"k": 8},
+    "clustered": {"clusters": 8, "topk": 8},
+}
+
+
+@pytest.mark.parametrize(
+    "attn",
+    ["ccnet", "axial", "linear", "performer", "longformer", "dpfp", "bigbird", "diet", "gmat", "slim"]
+    + ["informer", "scram", "clustered"],
+)
 def test_non_dense_settings_differ_from_dense(attn, tiny_file, dense, images):
     """The equality above is not trivial: these key sets / kernels change the logits visibly."""
-    model = _build(attn, tiny_file, **({"kernel_size": 3} if attn == "longformer" else {}))
+    model = _build(attn, tiny_file, **SMALL_BUDGET.get(attn, {}))
     with torch.no_grad():
         x = images["160x96"]
         assert (model(x) - dense(x)).abs().max().item() > 1e-3
@@ -157,6 +177,11 @@ def _errors(attn, path, x, settings):
         ("nystrom", [{"landmarks": m, "pinv_iterations": None} for m in ((2, 2), (6, 6), (12, 12))]),
         ("smyrf", [{"cluster_size": c, "n_hashes": 2} for c in (4, 32, 128)]),
         ("longformer", [{"kernel_size": k} for k in (3, 9, 19)]),
+        ("bigbird", [{"block_size": 1, "num_random": r} for r in (0, 8, 64)]),
+        ("informer", [{"factor": c} for c in (1, 4, 16)]),
+        ("scram", [{"k": m} for m in (4, 32, 128)]),
+        ("clustered", [{"clusters": 8, "topk": t} for t in (4, 32, 128)]),
+        ("clustered", [{"clusters": c, "improved": False} for c in (2, 16, 128)]),
     ],
 )
 def test_error_to_dense_shrinks_with_budget(attn, settings, soft_file, images):
@@ -225,7 +250,10 @@ def test_timm_attn_layer_directly():
     "call, match",
     [
         (dict(attn="cbam"), r"cbam cannot be a ViT attention: a channel/spatial gate .* does not mix tokens"),
-        (dict(attn="gcnet"), r"gcnet cannot be a ViT attention: .*ViT mixers: axial, ccnet, dpfp"),
+        (
+            dict(attn="gcnet"),
+            r"gcnet cannot be a ViT attention: .*ViT mixers: axial, bigbird, ccnet, clustered",
+        ),
         (dict(attn="reformer"), r"reformer cannot be a ViT attention: no functional core"),
         (
             dict(attn="performer", attn_kwargs={"heads": 4}),

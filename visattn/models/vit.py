@@ -77,6 +77,40 @@ MIXERS: dict[str, MixerSpec] = {
     "smyrf": MixerSpec(
         mc.SmyrfCore, {}, {"n_hashes": 4, "cluster_size": 32, "seed": 0}, "cluster_size >= H * W"
     ),
+    "bigbird": MixerSpec(
+        mc.BigBirdCore,
+        {},
+        {"block_size": 8, "window": 3, "num_global": 2, "num_random": 3, "random_seed": 0},
+        "block_size >= max(H, W) (one block of patches)",
+    ),
+    "diet": MixerSpec(
+        mc.BlockPatternCore,
+        {"block": "diet"},
+        {"kernel_size": 3, "dilation": 1},
+        "kernel_size >= 2 * max(H, W) - 1 with dilation=1",
+    ),
+    "gmat": MixerSpec(
+        mc.WindowCore, {"method": "gmat"}, {"kernel_size": 15}, "kernel_size >= 2 * max(H, W) - 1"
+    ),
+    "slim": MixerSpec(mc.KernelCore, {"kernel": "favor+"}, {"num_features": None, "seed": 0}, None),
+    "informer": MixerSpec(
+        mc.InformerCore, {}, {"factor": 5, "seed": 0}, "factor with factor * ceil(ln N) >= H * W"
+    ),
+    "scram": MixerSpec(mc.ScramCore, {}, {"k": 16, "iterations": 4, "seed": 0}, "k >= H * W"),
+    "clustered": MixerSpec(
+        mc.ClusteredCore,
+        {},
+        {
+            "clusters": 100,
+            "iterations": 10,
+            "bits": 32,
+            "hash_bias": True,
+            "improved": True,
+            "topk": 32,
+            "seed": 0,
+        },
+        "improved=True with topk >= N (all tokens), or improved=False with clusters >= H * W distinct codes",
+    ),
 }
 
 # Why a registered block is not a ViT mixer, by family (the others: no functional core over q, k, v yet).

@@ -20,7 +20,8 @@ from .grouped import AxialCore, InterlacedCore
 from .hashing import SmyrfCore
 from .kernel import KernelCore
 from .landmarks import NystromCore
-from .pattern import CrissCrossCore, RasterPatternCore, WindowCore
+from .pattern import BigBirdCore, BlockPatternCore, CrissCrossCore, RasterPatternCore, WindowCore
+from .selection import ClusteredCore, InformerCore, ScramCore
 
 __all__ = [
     "MixerCore",
@@ -30,6 +31,11 @@ __all__ = [
     "AxialCore",
     "InterlacedCore",
     "RasterPatternCore",
+    "BlockPatternCore",
+    "BigBirdCore",
+    "InformerCore",
+    "ScramCore",
+    "ClusteredCore",
     "KernelCore",
     "NystromCore",
     "SmyrfCore",

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["MixerCore", "DenseCore", "prefix_dense"]
+__all__ = ["MixerCore", "DenseCore", "prefix_dense", "BlockHolder"]
 
 
 def prefix_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int) -> torch.Tensor:
@@ -43,3 +43,23 @@ class DenseCore(MixerCore):
 
     def forward(self, q, k, v, grid, prefix):
         return F.scaled_dot_product_attention(q, k, v)
+
+
+class BlockHolder:
+    """A tiny instance of a registered block (8 channels, one head) kept for its validated hyperparameters
+    and its own functions (patterns, searches, budgets) and buffers (seeds, random keys). The block's
+    constructor checks the hyperparameters and names itself in the error. It is held outside the module
+    tree, so it adds no state-dict key; :meth:`get` moves it to the device of the call and gives it the
+    train/eval mode of the core that holds it (its functions read ``self.training``)."""
+
+    def __init__(self, name: str, **hyperparameters) -> None:
+        from ...registry import create_attn
+
+        self.block = create_attn(name, 8, heads=1, **hyperparameters)
+
+    def get(self, device: torch.device, training: bool) -> nn.Module:
+        block = self.block
+        if next(iter(block.buffers()), torch.empty(0)).device != device:
+            block.to(device)
+        block.train(training)
+        return block

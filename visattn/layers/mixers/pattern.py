@@ -17,9 +17,9 @@ from ..sparse_pattern import (
     window_tile,
     with_shared_keys,
 )
-from .base import MixerCore
+from .base import BlockHolder, MixerCore
 
-__all__ = ["WindowCore", "CrissCrossCore", "RasterPatternCore"]
+__all__ = ["WindowCore", "CrissCrossCore", "RasterPatternCore", "BlockPatternCore", "BigBirdCore"]
 
 
 def _pattern_qkv(q, k, v, grid_hw, prefix, pattern: Pattern, place: torch.Tensor) -> torch.Tensor:
@@ -60,14 +60,19 @@ def _with_prefix(pattern: Pattern, prefix: int) -> Pattern:
 
 class WindowCore(MixerCore):
     """Longformer's 2D sliding window: a ``kernel_size`` x ``kernel_size`` (dilated) window around every
-    patch, plus the prefix tokens as the global tokens. Dense limit: ``kernel_size >= 2 * max(H, W) - 1``."""
+    patch, plus the prefix tokens as the global tokens. Dense limit: ``kernel_size >= 2 * max(H, W) - 1``.
 
-    def __init__(self, dim: int, heads: int, *, kernel_size: int = 15, dilation: int = 1) -> None:
+    GMAT runs here too (``method="gmat"``): its global memory, read and written densely by every token and
+    carried from layer to layer, is what a ViT's prefix tokens are; GMAT's own learned memory tokens would be
+    new tokens a pretrained ViT never saw."""
+
+    def __init__(self, dim: int, heads: int, *, kernel_size: int = 15, dilation: int = 1,
+                 method: str = "longformer") -> None:  # fmt: skip
         super().__init__(dim, heads)
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"longformer (ViT mixer): kernel_size must be odd and >= 1, got {kernel_size}")
+            raise ValueError(f"{method} (ViT mixer): kernel_size must be odd and >= 1, got {kernel_size}")
         if dilation < 1:
-            raise ValueError(f"longformer (ViT mixer): dilation must be >= 1, got {dilation}")
+            raise ValueError(f"{method} (ViT mixer): dilation must be >= 1, got {dilation}")
         self.kernel_size, self.dilation = kernel_size, dilation
 
     def patches(self, q, k, v, grid, prefix):
@@ -115,3 +120,45 @@ class RasterPatternCore(MixerCore):
         pattern = _with_prefix(SparseTransformer.pattern(self, height, width, q.device), prefix)
         place = torch.arange(height * width, device=q.device)
         return _pattern_qkv(q, k, v, grid, prefix, pattern, place)
+
+
+class BlockPatternCore(MixerCore):
+    """The key sets of a sparse block, built by the block's own ``pattern(height, width, device)`` on the
+    patch grid (padded as the block pads a map; padding is never a key), with the prefix tokens as global
+    keys of every patch. The block is instantiated once, tiny, for its validated hyperparameters and its
+    pattern builder (:class:`BlockHolder`: no state-dict keys). Diet: its dilated window."""
+
+    def __init__(self, dim: int, heads: int, *, block: str, **hyperparameters) -> None:
+        super().__init__(dim, heads)
+        self.holder = BlockHolder(block, **hyperparameters)
+
+    def patches(self, q, k, v, grid, prefix):
+        height, width = grid
+        pattern = self.holder.get(q.device, self.training).pattern(height, width, q.device)
+        place = _image_place(height, width, pattern.grid.cols, q.device)
+        return _pattern_qkv(q, k, v, grid, prefix, _with_prefix(pattern, prefix), place)
+
+
+class BigBirdCore(BlockPatternCore):
+    """Big Bird on the patch grid through :meth:`visattn.attn.bigbird.BigBird.patterns`: P x P blocks of
+    patches attend the 3 x 3 neighbouring blocks, the global blocks (first and last) and r seeded random
+    blocks; the global blocks' queries attend every token. The prefix tokens are global tokens on top of
+    BigBird's own (ITC's globals are existing tokens: the class token is the natural one). The random draw
+    is the block's seeded hash (its ``rand_key`` from ``random_seed``): fixed, not a checkpoint key. Dense
+    limit: ``block_size >= max(H, W)`` (one block), or a window of blocks covering the grid."""
+
+    def __init__(self, dim: int, heads: int, **hyperparameters) -> None:
+        super().__init__(dim, heads, block="bigbird", **hyperparameters)
+
+    def patches(self, q, k, v, grid, prefix):
+        height, width = grid
+        sparse, dense = self.holder.get(q.device, self.training).patterns(height, width, q.device)
+        place = _image_place(height, width, sparse.grid.cols, q.device)
+        out = _pattern_qkv(q, k, v, grid, prefix, _with_prefix(sparse, prefix), place)
+        if dense is None:
+            return out
+        glob = torch.zeros(sparse.grid.n, dtype=torch.bool, device=q.device)
+        glob[dense.segments[0].queries.reshape(-1)] = True
+        # The global blocks' queries hold every key: their rows come from the dense pattern.
+        out_g = _pattern_qkv(q, k, v, grid, prefix, _with_prefix(dense, prefix), place)
+        return torch.where(glob.index_select(0, place)[:, None], out_g, out)
