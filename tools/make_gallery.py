@@ -71,14 +71,14 @@ def tile(name: str, image, out: Path) -> None:
     from PIL import ImageDraw
 
     from visattn.viz import build_block, feature_map, query_map, to_grid
-    from visattn.viz.render import overlay
+    from visattn.viz.render import display_map, overlay
 
     ih, iw = image.shape[:2]
     x = feature_map(image, CHANNELS, (GRID, GRID))
     cells = [to_grid(q, (ih, iw), (GRID, GRID)) for q in QUERIES]
     maps = query_map(build_block(name, CHANNELS), x, cells)
-    # Each query's map normalised on its own, so a local block's two windows show side by side.
-    m = (maps / maps.flatten(1).amax(1).clamp_min(1e-30)[:, None, None]).amax(0)
+    # Each query's map scaled on its own (outside its query cell), so two local windows show side by side.
+    m = torch.stack([display_map(maps[i], cells[i]) for i in range(len(cells))]).amax(0)
     if not torch.isfinite(m).all():
         raise ValueError(f"{name}: the query map is not finite")
     img = overlay(image, m, (TILE, TILE))
@@ -103,8 +103,8 @@ def write_page(folder: Path, page: Path) -> None:
         "`sum |d y_q / d x|` over channels, exact by autograd — for the same photo (scikit-image's astronaut) "
         f"and the same two query pixels {QUERIES[0]} and {QUERIES[1]} (cyan circles), on a {GRID}x{GRID} "
         f"feature map with {CHANNELS} channels. Weights are the block's initialisation plus fixed-seed noise "
-        "(identity-at-init blocks would otherwise show only the query pixel); each query's map is normalised "
-        "to its maximum and the two are overlaid. The bright cell is the residual path at the query itself.",
+        "(identity-at-init blocks would otherwise show only the query pixel); each query's map is scaled to its maximum outside the query cell (the residual path there "
+        "dwarfs the rest), and the two are overlaid.",
         "",
         "Make your own: `visattn viz BLOCK --image astronaut --query 100,80 [--causal] [--probs] -o out.png`; "
         "explore live in the browser: `visattn explore`. Facts of every block: [blocks.md](blocks.md).",

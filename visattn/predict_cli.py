@@ -129,6 +129,16 @@ def run_predict(args: argparse.Namespace) -> int:
         _check_overlay_path(str(overlay_path))  # the derived name is checked like an explicit one
     if overlay_path.absolute() == out.absolute():
         raise ValueError(f"--overlay {overlay_path} is the label map -o {out}; give two different files")
+    explain_path = None
+    if getattr(args, "explain", None) is not None:
+        qx, qy = args.explain
+        if not (qx < image.shape[1] and qy < image.shape[0]):
+            raise ValueError(
+                f"--explain {qx:g},{qy:g} lies outside the {image.shape[1]}x{image.shape[0]} image {image_path}; "
+                f"give X < {image.shape[1]}, Y < {image.shape[0]}"
+            )
+        explain_path = out.with_name(out.stem + "_explain.png")
+        _check_overlay_path(str(explain_path))
     is_zoo = args.model in hub.list_pretrained()
     if args.checkpoint:
         # Every form test and resume accept: prefix, .safetensors, .state.pt, work dir, .pth/.pt.
@@ -141,13 +151,11 @@ def run_predict(args: argparse.Namespace) -> int:
         model = create_segmentor(args.model, checkpoint_path=checkpoint)
     else:
         model = create_segmentor(args.model)
-        print(
-            "visattn predict: note: randomly initialised weights (no checkpoint loaded), so the labels mean "
-            "nothing; pass --checkpoint PATH for trained weights",
-            file=sys.stderr,
-        )
-        # This line is the command's one notice; the Python API's multi-line warning would repeat it.
+        # The command prints its own one-line notice, after the outputs so that an error stays the only
+        # line; the Python API's multi-line warning would repeat it.
         model.random_weights = False
+    if args.mode == "slide" and args.crop_size is None and not model.data_cfg.get("crop_size"):
+        raise ValueError(f"--mode slide needs --crop-size HxW: {args.model} sets no data.crop_size")
     model = model.to(torch.device(args.device)).eval()
     labels = model.predict(
         image, mode=args.mode, crop_size=args.crop_size, stride=args.stride, resize=not args.no_resize
@@ -164,7 +172,70 @@ def run_predict(args: argparse.Namespace) -> int:
     present = len(np.unique(labels))
     print(f"wrote {out} (label map {labels.shape[1]}x{labels.shape[0]}, {present} classes present)")
     print(f"wrote {overlay_path}")
+    if explain_path is not None:
+        _write_explanation(model, image, args.explain, explain_path, resize=not args.no_resize)
+        print(
+            f"wrote {explain_path} (what the decode head's attention used for pixel {args.explain[0]:g},{args.explain[1]:g})"
+        )
+    if checkpoint is None:
+        print(
+            "visattn predict: note: randomly initialised weights (no checkpoint loaded), so the labels mean "
+            "nothing; pass --checkpoint PATH for trained weights",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _write_explanation(model, image, point, path: Path, *, resize: bool) -> None:
+    """``--explain X,Y``: the query map of the decode head's attention block at image pixel ``point``.
+
+    The block's input is captured in one whole-image forward pass; the map (``sum |d y_q / d x|`` over all
+    input channels and 32 evenly spaced output channels, by autograd, with the model's own weights) is
+    drawn over the photo on the block's grid.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from .layers.block import AttnBlock
+    from .viz.maps import query_map, to_grid
+    from .viz.render import Panel, compose, display_map, save_png
+
+    blocks = [(n, m) for n, m in model.decode_head.named_modules() if isinstance(m, AttnBlock)]
+    if not blocks:
+        raise ValueError(
+            f"--explain: the decode head ({type(model.decode_head).__name__}) has no attention block to explain; "
+            "use a segmentor with an attention head (e.g. ccnet, gcnet, nonlocal)"
+        )
+    name, block = blocks[0]
+    captured = []
+    handle = block.register_forward_pre_hook(lambda _m, inputs: captured.append(inputs[0].detach()))
+    try:
+        with torch.no_grad():
+            x = model.preprocess(image)
+            h, w = x.shape[-2:]
+            th, tw = model.test_size(h, w) if resize else (h, w)
+            if (th, tw) != (h, w):
+                x = F.interpolate(x, size=(th, tw), mode="bilinear", align_corners=False)
+            model(x)
+    finally:
+        handle.remove()
+    feats = captured[0][:1]
+    gh, gw = feats.shape[-2:]
+    cell = to_grid(point, image.shape[:2], (gh, gw))
+    # 32 output channels: a head of 512 channels would cost 512 backward passes for the exact sum.
+    m = query_map(block, feats, [cell], chunk=8, out_channels=32)[0]
+    info = getattr(block, "attn_info", None)
+    caption = f"{model.config.get('name') or 'segmentor'}: decode_head.{name}" + (
+        f" ({info.name} — {info.title}, {info.complexity})" if info else ""
+    )
+    panel = Panel(
+        f"|dy/dx| at ({point[0]:g}, {point[1]:g}) on the {gw}x{gh} head grid", display_map(m, cell), [point]
+    )
+    ih, iw = image.shape[:2]
+    scale = min(1.0, 800 / max(ih, iw))
+    save_png(
+        compose(image, [[panel]], caption, (max(64, int(iw * scale)), max(64, int(ih * scale)) + 80)), path
+    )
 
 
 def _save_image(img, path: Path) -> None:
@@ -217,5 +288,13 @@ def add_predict_parser(subparsers) -> argparse.ArgumentParser:
         "--alpha", type=fraction, default=0.5, help="weight of the colours in the overlay, in [0, 1]"
     )
     p.add_argument("--device", type=device_arg, default="cpu", help="cpu, cuda or cuda:N")
+    from .viz.command import _query  # argparse type only; the viz extra is imported by --explain itself
+
+    p.add_argument(
+        "--explain",
+        type=_query,
+        metavar="X,Y",
+        help="also write <output>_explain.png: what the decode head's attention used for image pixel X,Y",
+    )
     p.set_defaults(func=run_predict)
     return p

@@ -146,6 +146,7 @@ def query_map(
     *,
     chunk: int = 16,
     seed: int = 0,
+    out_channels: int | None = None,
 ) -> torch.Tensor:
     """``(Q, H, W)``: for each query pixel ``(x, y)`` (column, row), ``sum |d y_q / d x|`` over the output and
     input channels, exact by autograd.
@@ -153,7 +154,9 @@ def query_map(
     ``x`` is one feature map, (C, H, W) or (1, C, H, W). The block runs in eval mode on a batch of copies of
     ``x``: sample ``i`` backpropagates output channel ``i % C`` of its query, which the contract's batch
     independence makes the Jacobian row of that channel. ``chunk`` bounds the batch (memory); ``seed`` fixes
-    the randomness of stochastic blocks (hashing, random features) for every chunk alike.
+    the randomness of stochastic blocks (hashing, random features) for every chunk alike. ``out_channels``
+    sums over that many evenly spaced output channels instead of all C (cost is one backward pass per output
+    channel: a 512-channel segmentation head is explained on a subset; the input channels are always all).
     """
     x = x.detach()
     if x.dim() == 3:
@@ -167,7 +170,13 @@ def query_map(
     if not pts:
         raise ValueError("query_map: give at least one query pixel")
     # (query, output channel) pairs, one per batch sample.
-    pairs = [(qi, co) for qi in range(len(pts)) for co in range(c)]
+    if out_channels is None or out_channels >= c:
+        chosen = list(range(c))
+    else:
+        chosen = sorted(
+            {int(i) for i in torch.linspace(0, c - 1, max(1, int(out_channels))).round().tolist()}
+        )
+    pairs = [(qi, co) for qi in range(len(pts)) for co in chosen]
     out = torch.zeros(len(pts), h, w, dtype=torch.float32)
     was_training = block.training
     block.eval()

@@ -16,7 +16,7 @@ import torch
 from ..registry import attn_info
 from .maps import attention_probs, build_block, feature_map, query_map, to_grid
 
-__all__ = ["Panel", "colorize", "compose", "overlay", "save_png", "viz_figure"]
+__all__ = ["Panel", "colorize", "compose", "display_map", "overlay", "save_png", "viz_figure"]
 
 
 def _matplotlib():
@@ -39,6 +39,22 @@ def colorize(m: torch.Tensor, *, cmap: str = "inferno", gamma: float = 0.5):
     rgba = mpl.colormaps[cmap](a.numpy())
     rgba[..., 3] = np.where(a.numpy() > 0, 0.35 + 0.6 * a.numpy(), 0.0)  # zero stays see-through
     return (rgba * 255).round().astype(np.uint8)
+
+
+def display_map(m: torch.Tensor, cell: tuple[int, int]) -> torch.Tensor:
+    """``m`` scaled to [0, 1] by its maximum outside the query ``cell = (col, row)``, the cell itself set to 1.
+
+    The residual path makes the query pixel's own entry far larger than any other in most blocks; scaled by
+    it, the field the block actually mixes in would be invisible.
+    """
+    col, row = cell
+    out = m.detach().float().clone()
+    out[row, col] = 0.0
+    top = float(out.max())
+    if top > 0:
+        out /= top
+    out[row, col] = 1.0
+    return out
 
 
 def overlay(image, m: torch.Tensor, size: tuple[int, int]):
@@ -174,8 +190,8 @@ def viz_figure(
     for i, (qx, qy) in enumerate(queries):
         rows.append(
             [
-                Panel(f"{label} |dy/dx| at ({qx:g}, {qy:g})", m[i], [(qx, qy)])
-                for (label, _), m in zip(variants, maps)
+                Panel(f"{label} |dy/dx| at ({qx:g}, {qy:g})", display_map(m[i], cells[i]), [(qx, qy)])
+                for (label, _), m in zip(variants, maps, strict=True)
             ]
         )
         if probs:

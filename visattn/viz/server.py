@@ -7,7 +7,8 @@ Routes:
     GET  /api/image?id=ID      the image as PNG (longer side at most 512 pixels)
     POST /api/upload           body: an image file's bytes -> {"id", "width", "height"}
     GET  /api/map?block=NAME&image=ID&x=X&y=Y&causal=0|1
-                               the query map of image pixel (X, Y) on the feature grid, normalised to max 1,
+                               the query map of image pixel (X, Y) on the feature grid (1 at the query cell,
+                               the rest scaled to max 1: render.display_map),
                                and the softmax probabilities where the block has them
 
 Maps are computed on a small feature map (``grid`` cells on the longer side, ``channels`` channels), so a
@@ -32,6 +33,7 @@ import torch
 from ..registry import attn_info, list_attns
 from .images import BUNDLED, load_image
 from .maps import attention_probs, build_block, feature_map, query_map, to_grid
+from .render import display_map
 
 __all__ = ["ExplorerServer", "block_facts", "make_server", "page_html"]
 
@@ -140,8 +142,7 @@ class ExplorerServer(ThreadingHTTPServer):
             m = query_map(block, feats, [cell], seed=self.seed)[0]
             probs = attention_probs(block, feats, cell, seed=self.seed)
             ms = (time.perf_counter() - start) * 1e3
-        top = float(m.max())
-        norm = (m / top if top > 0 else m).tolist()
+        norm = display_map(m, cell).tolist()
         out = {
             "block": name,
             "causal": causal,
