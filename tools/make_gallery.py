@@ -119,7 +119,10 @@ def write_page(folder: Path, page: Path) -> None:
         cells = []
         for n in names[i : i + COLUMNS]:
             info = attn_info(n)
-            cells.append(f"![{n}](gallery/{n}.png)<br>**{n}**<br>{info.complexity}")
+            # A "|" in a formula (lambda's |k|) would end the table cell.
+            cells.append(
+                f"![{n}](gallery/{n}.png)<br>**{n}**<br>{info.complexity.replace('|', chr(92) + '|')}"
+            )
         cells += [""] * (COLUMNS - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
     _write_atomic(page, ("\n".join(lines) + "\n").encode())

@@ -37,6 +37,8 @@ def markdown_blocks() -> str:
         "",
         f"{len(names)} blocks. Every block maps (B, C, H, W) -> (B, C, H, W) for any H, W >= 1.",
         "",
+        "What each block attends to, on one photo: [gallery.md](gallery.md) (`visattn viz`, `visattn explore`).",
+        "",
         "| name | paper | arXiv | year | complexity | FLOP exponent | causal | identity at init | family |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
