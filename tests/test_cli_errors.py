@@ -236,6 +236,19 @@ def test_not_an_image_and_not_a_checkpoint_name_the_file(files, capsys):
     assert not (d / "o" / "p.png").exists()
 
 
+def test_predict_error_is_the_only_line_and_notice_comes_after_outputs(files, capsys):
+    """Found by the fuzzer: the random-weights notice used to precede a failure, making it two lines."""
+    d = files.dir
+    code = cli.main(["predict", str(d / "tiny.yaml"), str(d / "img.png"), "--mode", "slide", "-o", "x.png"])
+    err = capsys.readouterr().err
+    _one_line_error(code, err, "predict")
+    assert "--crop-size" in err
+    out = d / "notice" / "p.png"
+    assert cli.main(["predict", str(d / "tiny.yaml"), str(d / "img.png"), "-o", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and "random" in captured.err and out.is_file()
+
+
 def test_predict_and_test_accept_every_checkpoint_form(files, capsys, monkeypatch):
     evaluate_mod = importlib.import_module("visattn.engine.evaluate")  # the package re-exports the function
 
