@@ -34,6 +34,7 @@ DENSE_LIMIT = {
     "informer": {"factor": 1000},
     "scram": {"k": 196},
     "clustered": {"topk": 198},
+    "reformer": {"chunk_size": 98},
 }
 
 
@@ -96,7 +97,7 @@ def images():
 def test_list_attns_vit_is_the_capability_table():
     mixers = visattn.list_attns(vit=True)
     assert mixers == sorted(MIXERS)
-    assert len(mixers) == 20
+    assert len(mixers) == 22
     assert set(visattn.list_attns(vit=False)) == set(visattn.list_attns()) - set(mixers)
     assert "cbam" not in mixers and "gcnet" not in mixers
     assert visattn.list_attns("perf*", vit=True) == ["performer", "performer_v1"]
@@ -145,13 +146,14 @@ SMALL_BUDGET = {
     "gmat": {"kernel_size": 3},
     "scram": {"k": 8},
     "clustered": {"clusters": 8, "topk": 8},
+    "reformer": {"chunk_size": 4},
 }
 
 
 @pytest.mark.parametrize(
     "attn",
     ["ccnet", "axial", "linear", "performer", "longformer", "dpfp", "bigbird", "diet", "gmat", "slim"]
-    + ["informer", "scram", "clustered"],
+    + ["informer", "scram", "clustered", "reformer", "fanet"],
 )
 def test_non_dense_settings_differ_from_dense(attn, tiny_file, dense, images):
     """The equality above is not trivial: these key sets / kernels change the logits visibly."""
@@ -182,6 +184,7 @@ def _errors(attn, path, x, settings):
         ("scram", [{"k": m} for m in (4, 32, 128)]),
         ("clustered", [{"clusters": 8, "topk": t} for t in (4, 32, 128)]),
         ("clustered", [{"clusters": c, "improved": False} for c in (2, 16, 128)]),
+        ("reformer", [{"chunk_size": m, "n_hashes": 2} for m in (4, 16, 64)]),
     ],
 )
 def test_error_to_dense_shrinks_with_budget(attn, settings, soft_file, images):
@@ -254,7 +257,16 @@ def test_timm_attn_layer_directly():
             dict(attn="gcnet"),
             r"gcnet cannot be a ViT attention: .*ViT mixers: axial, bigbird, ccnet, clustered",
         ),
-        (dict(attn="reformer"), r"reformer cannot be a ViT attention: no functional core"),
+        (dict(attn="synthesizer"), r"synthesizer cannot be a ViT attention: .* without q·k"),
+        (
+            dict(attn="linformer"),
+            r"linformer cannot be a ViT attention: not built as a ViT mixer yet: its E/F",
+        ),
+        (
+            dict(attn="reformer", attn_kwargs={"n_buckets": 3}),
+            r"reformer: n_buckets must be None, 1 or an even",
+        ),
+        (dict(attn="bigbird", attn_kwargs={"window": 2}), r"bigbird: window must be odd"),
         (
             dict(attn="performer", attn_kwargs={"heads": 4}),
             r"performer as a ViT attention does not take \['heads'\]",
@@ -268,6 +280,15 @@ def test_timm_attn_layer_directly():
 def test_refusals(call, match):
     with pytest.raises(ValueError, match=match):
         visattn.create_model(NAME, **TINY, **call)
+
+
+def test_every_other_block_has_its_refusal_reason():
+    """No block falls through to a generic message: each non-mixer names why (or what a mixer would take)."""
+    for name in visattn.list_attns(vit=False):
+        with pytest.raises(ValueError, match=rf"^{name} cannot be a ViT attention: ") as err:
+            mixer_class(name)
+        assert "no functional core" not in str(err.value), name
+    assert "reformer" in visattn.list_attns(vit=True) and "synthesizer" in visattn.list_attns(vit=False)
 
 
 def test_unknown_transformer_family_lists_supported():

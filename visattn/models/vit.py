@@ -93,10 +93,17 @@ MIXERS: dict[str, MixerSpec] = {
         mc.WindowCore, {"method": "gmat"}, {"kernel_size": 15}, "kernel_size >= 2 * max(H, W) - 1"
     ),
     "slim": MixerSpec(mc.KernelCore, {"kernel": "favor+"}, {"num_features": None, "seed": 0}, None),
+    "fanet": MixerSpec(mc.KernelCore, {"kernel": "cosine"}, {}, None),
     "informer": MixerSpec(
         mc.InformerCore, {}, {"factor": 5, "seed": 0}, "factor with factor * ceil(ln N) >= H * W"
     ),
     "scram": MixerSpec(mc.ScramCore, {}, {"k": 16, "iterations": 4, "seed": 0}, "k >= H * W"),
+    "reformer": MixerSpec(
+        mc.ReformerCore,
+        {},
+        {"n_hashes": 8, "chunk_size": 64, "n_buckets": None, "allow_duplicates": False, "seed": 0},
+        "chunk_size >= H * W / 2 (at most two chunks: each query chunk attends both)",
+    ),
     "clustered": MixerSpec(
         mc.ClusteredCore,
         {},
@@ -113,7 +120,52 @@ MIXERS: dict[str, MixerSpec] = {
     ),
 }
 
-# Why a registered block is not a ViT mixer, by family (the others: no functional core over q, k, v yet).
+# Why a registered block is not a ViT mixer: by name (checked first), then by family.
+REFUSED: dict[str, str] = {
+    "danet": "its channel attention mixes channels (C x C affinities), not tokens, and its position half is "
+    "the non-local block (use nonlocal)",
+    "emanet": "it has no queries or keys: EM over K bases carried across batches rebuilds the features",
+    "reconet": "it has no queries or keys: a rank-r tensor of gates from pooled channel/height/width vectors",
+    "synthesizer": "its attention weights are synthesised without q·k (an MLP of each token or a learned "
+    "map), so the pretrained q and k would be discarded and every weight would be new",
+    "inputless": "its attention maps are learned and ignore the input, so the pretrained q and k would be "
+    "discarded",
+    "pkm": "product-key memory is a learned memory of |C|^2 keys and values (a feed-forward layer), not "
+    "attention among tokens",
+    "isab": "its m inducing points are new queries and its second attention needs a second set of q/k/v "
+    "projections a pretrained ViT layer does not have",
+    "lambda": "its heads share one key and one value of |k| = 16 channels (multi-query) with a positional "
+    "lambda convolution, which a ViT's per-head q/k/v cannot be mapped onto",
+    "star": "its satellites also read their layer-0 token embedding, which a ViT layer does not have; "
+    "without it, it is longformer with kernel_size=3 and the prefix tokens as the relay",
+    "autonl": "its softmax-free attention runs on a channel subset of a strided copy of the input with a "
+    "depthwise output convolution: new operators in place of q·k, not a core over the pretrained q, k, v",
+    "fractal": "its Tanimoto similarity of sigmoid(q) and sigmoid(k) re-weights V per pixel and per channel; "
+    "applied to the pretrained q and k it would replace, not approximate, the softmax they were trained for",
+    # Possible, not built (a later session): the reason says what it takes.
+    "linformer": "not built as a ViT mixer yet: its E/F length projections (new parameters, on a reference "
+    "grid resampled to the patch grid) over the patch keys, the prefix keys kept",
+    "memory_compressed": "not built as a ViT mixer yet: a strided convolution over the patch k/v grid (new "
+    "parameters) with the prefix keys kept",
+    "routing": "not built as a ViT mixer yet: online k-means centroids over the pretrained q/k are state "
+    "that a timm checkpoint does not hold",
+    "rfa": "not built as a ViT mixer yet: its random Fourier features need l2-normalised q and k and a "
+    "learned variance (a new parameter), so it would not approximate the pretrained softmax",
+    "sinkhorn": "not built as a ViT mixer yet: its SortNet is a new learned module over window embeddings",
+    "sac": "not built as a ViT mixer yet: its edge predictor is a new learned module",
+    "jukebox": "not built as a ViT mixer yet: it cycles row/column/previous-row attention across "
+    "consecutive layers, and timm's attn_layer hook does not tell a layer its index",
+    "multiscale": "not built as a ViT mixer yet: pooled patch k/v as the extra keys of its retina pattern",
+    "bpt": "not built as a ViT mixer yet: its quadtree cells' bottom-up attention as extra keys",
+    "etc": "not built as a ViT mixer yet: its per-patch global tokens and relative-position keys are new "
+    "parameters",
+    "kronecker": "not built as a ViT mixer yet: attention over row and column means of the pretrained k/v",
+    "dnl": "not built as a ViT mixer yet: whitened q·k plus a unary term from a new 1x1 convolution",
+    "permutohedral": "not built as a ViT mixer yet: a Gaussian kernel on the head's q/k features through the "
+    "permutohedral lattice",
+    "compressive": "not built as a ViT mixer yet: its memories carry across row-band segments",
+    "memformer": "not built as a ViT mixer yet: its memory slots carry across row-band segments",
+}
 _REFUSED_FAMILIES = {
     "gate": "a channel/spatial gate reweights features of one token; it does not mix tokens, so it cannot "
     "replace a ViT's attention",
@@ -153,7 +205,7 @@ def is_vit_backbone(backbone: str) -> bool:
 
 def _refusal(name: str) -> str:
     info = attn_info(name)
-    reason = _REFUSED_FAMILIES.get(
+    reason = REFUSED.get(name) or _REFUSED_FAMILIES.get(
         info.family,
         f"no functional core over a ViT's q, k, v is implemented for it yet (family {info.family!r})",
     )

@@ -17,7 +17,7 @@ SMYRF, Reformer), :mod:`.selection` (content-selected queries or keys: Informer,
 
 from .base import DenseCore, MixerCore, prefix_dense
 from .grouped import AxialCore, InterlacedCore
-from .hashing import SmyrfCore
+from .hashing import ReformerCore, SmyrfCore
 from .kernel import KernelCore
 from .landmarks import NystromCore
 from .pattern import BigBirdCore, BlockPatternCore, CrissCrossCore, RasterPatternCore, WindowCore
@@ -39,5 +39,6 @@ __all__ = [
     "KernelCore",
     "NystromCore",
     "SmyrfCore",
+    "ReformerCore",
     "prefix_dense",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..linear_attention import (
     elu_feature_map,
@@ -23,7 +24,7 @@ class KernelCore(MixerCore):
     """Linear attention φ(q)(φ(k)ᵀv) of every patch over all tokens (prefix included), with the kernel of
     the method: ``elu`` (Katharopoulos et al.), ``favor+`` (Performer: positive orthogonal random
     features of softmax's kernel exp(q·k/√d)), ``trig`` (Performer v1), ``efficient`` (Efficient
-    Attention: softmax of q over its channels, of k over the tokens), ``dpfp`` (DPFP's deterministic
+    Attention: softmax of q over its channels, of k over the tokens), ``cosine`` (FANet: l2-normalised q and k, no softmax, divided by the key count), ``dpfp`` (DPFP's deterministic
     features with the sum update of linear attention; the delta-rule update is sequential). The random projection is a
     non-persistent buffer drawn from ``seed``: a checkpoint never holds it and every run rebuilds it."""
 
@@ -54,6 +55,10 @@ class KernelCore(MixerCore):
             from ...attn.dpfp import dpfp_features  # the block owns the feature map
 
             fq, fk = dpfp_features(qp, self.nu), dpfp_features(k, self.nu)
+        elif self.kernel == "cosine":
+            # FANet: cosine similarity without softmax, (1/n)·Q̂(K̂ᵀV), n the number of keys (prefix included).
+            qn, kn = F.normalize(qp, dim=-1), F.normalize(k, dim=-1)
+            return qn @ (kn.transpose(-1, -2) @ v) / k.shape[2]
         else:  # efficient: both normalisations are softmaxes, so no denominator is needed
             fq, fk = qp.softmax(dim=-1), k.softmax(dim=-2)
             return fq @ (fk.transpose(-1, -2) @ v)
