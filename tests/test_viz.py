@@ -180,3 +180,23 @@ def test_cli_refusals_are_one_line_and_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_predict_explain_writes_the_head_map_and_checks_the_pixel_first(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from visattn.cli import main
+
+    cfg = tmp_path / "seg.yaml"
+    cfg.write_text("backbone: resnet18\nhead: ccnet\nnum_classes: 3\n")
+    img = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 80, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "pred.png"
+    assert main(["predict", str(cfg), str(img), "-o", str(out), "--explain", "90,10"]) == 2
+    assert "--explain 90,10 lies outside the 80x64 image" in capsys.readouterr().err
+    assert not out.exists()
+    assert main(["predict", str(cfg), str(img), "-o", str(out), "--explain", "30,20"]) == 0
+    assert "decode head's attention used for pixel 30,20" in capsys.readouterr().out
+    with Image.open(tmp_path / "pred_explain.png") as im:
+        assert im.size[0] >= 64
