@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,7 +61,8 @@ class BlockHolder:
 
     def get(self, device: torch.device, training: bool) -> nn.Module:
         block = self.block
-        if next(iter(block.buffers()), torch.empty(0)).device != device:
+        tensor = next(itertools.chain(block.buffers(), block.parameters()), None)
+        if tensor is not None and tensor.device != device:
             block.to(device)
         block.train(training)
         return block
