@@ -174,3 +174,40 @@ def test_loading_weights_clears_the_warning_and_configs_never_warn(tiny_zoo):
     model.load_state_dict(visattn.create_segmentor(TINY).state_dict())
     assert not model.random_weights and _predict_warnings(model) == []
     assert _predict_warnings(visattn.create_segmentor(TINY)) == []
+
+
+def test_a_checkpoint_replaces_the_backbone_init_so_nothing_is_downloaded(tmp_path, monkeypatch):
+    """A model whose weights come from a checkpoint (create_segmentor(checkpoint_path=), ``visattn test``,
+    ``visattn predict/export --checkpoint``) must not fetch the backbone's init first: offline that
+    download fails, and its weights would be overwritten anyway. Before, the config's
+    ``backbone_pretrained`` was honoured and timm (or open-mmlab) was asked for weights."""
+    from safetensors.torch import save_file
+
+    from visattn.engine.cli import main_test
+    from visattn.models import segmentor as seg
+
+    cfg = {**TINY, "backbone_pretrained": True}
+    path = tmp_path / "w.safetensors"
+    save_file(seg.build_segmentor(cfg, init_backbone=False).state_dict(), str(path))
+    asked = []
+    real = seg.create_model
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs["pretrained"])
+        return real(*args, **{**kwargs, "pretrained": False})
+
+    monkeypatch.setattr(seg, "create_model", spy)
+    seg.create_segmentor(cfg, checkpoint_path=path)
+    assert asked == [False]
+    config = tmp_path / "cfg.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": cfg,
+                "data": {"synthetic": {"train_length": 2, "val_length": 1, "size": [16, 16]}},
+                "train": {"work_dir": str(tmp_path / "run")},
+            }
+        )
+    )
+    assert main_test([str(config), "--checkpoint", str(path), "--no-progress"]) == 0
+    assert asked == [False, False]

@@ -103,7 +103,7 @@ def run_test(args: argparse.Namespace) -> int:
     init_distributed(device)
     if device.startswith("cuda") and torch.distributed.is_initialized():
         device = f"cuda:{get_rank() % torch.cuda.device_count()}"
-    model = build_segmentor(cfg["model"])
+    model = build_segmentor(cfg["model"], init_backbone=False)  # the checkpoint sets every weight
     load_weights(model, checkpoint)
     model.to(device)
     dataset = build_dataset(
@@ -155,7 +155,11 @@ def add_train_test_parsers(subparsers) -> tuple[argparse.ArgumentParser, argpars
     tr.set_defaults(func=run_train)
     te = subparsers.add_parser("test", help="evaluate a checkpoint: mIoU, per-class IoU, aAcc")
     _common(te)
-    te.add_argument("--checkpoint", help="visattn checkpoint prefix / .safetensors, or an mmseg .pth")
+    te.add_argument(
+        "--checkpoint",
+        help="a checkpoint prefix (runs/x/iter_300), its .safetensors or .state.pt file, a work dir (its latest), "
+        "or an mmseg/visattn .pth (default: the latest of train.work_dir)",
+    )
     te.add_argument("--mode", choices=["whole", "slide"], help="override eval.mode")
     te.add_argument("--flip", action="store_true", help="flip augmentation")
     te.add_argument("--scales", help="comma-separated test scales, e.g. 0.5,0.75,1.0,1.25,1.5,1.75")

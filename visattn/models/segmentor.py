@@ -448,12 +448,15 @@ def _build_head(cfg: Mapping[str, Any], in_channels: int) -> DecodeHead:
     return cls(in_channels, num_classes=cfg["num_classes"], **kwargs)
 
 
-def build_segmentor(cfg: Mapping[str, Any]) -> Segmentor:
-    """A randomly initialised :class:`Segmentor` from a resolved config (:func:`resolve_config`)."""
+def build_segmentor(cfg: Mapping[str, Any], *, init_backbone: bool = True) -> Segmentor:
+    """A :class:`Segmentor` from a resolved config (:func:`resolve_config`): the backbone initialised as
+    ``backbone_pretrained`` says, the rest randomly. ``init_backbone=False`` skips the backbone init
+    (no download) for a model whose weights are about to be loaded from a checkpoint."""
     cfg = resolve_config(cfg)
     num_classes = cfg["num_classes"]
     timm_kwargs = dict(cfg["backbone_kwargs"])
-    init = cfg["backbone_pretrained"]  # true: timm's weights; "open-mmlab://...": mmseg's (mmlab_init.py)
+    # true: timm's weights; "open-mmlab://...": mmseg's (mmlab_init.py)
+    init = cfg["backbone_pretrained"] if init_backbone else False
     from .vit import is_vit_backbone
 
     if is_vit_backbone(cfg["backbone"]):
@@ -553,7 +556,7 @@ def create_segmentor(
             )
         # Fetch (and hash-check) before building: a failed download should not cost a model build.
         path = hub.pretrained_path(name, checkpoint_path=checkpoint_path, progress=progress)
-    model = build_segmentor(cfg)
+    model = build_segmentor(cfg, init_backbone=path is None)  # a checkpoint replaces every weight
     if path is not None:
         hub.load_pretrained(model, None, checkpoint_path=path)
     else:
