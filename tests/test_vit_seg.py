@@ -239,3 +239,83 @@ def test_training_a_vit_mixer_segmentor_lowers_the_loss(tmp_path):
     assert len(losses) == 30
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, losses
+
+
+# -- registered ViT names (issue 17, item 6) -------------------------------------------------------------
+TINY_ARCH = {"embed_dim": 64, "depth": 2, "num_heads": 2}
+VIT_NAMES = [
+    "visattn_vit_base_patch16_384_performer",
+    "visattn_vit_small_patch16_384_longformer",
+    "visattn_vit_small_patch16_384_nystrom",
+    "visattn_vit_small_patch16_384_performer",
+]
+
+
+def test_vit_names_are_registered():
+    from visattn.models.timm_registry import registered_model_names
+
+    assert timm.list_models("visattn_vit_*") == VIT_NAMES
+    assert set(VIT_NAMES) <= set(registered_model_names())
+    model = timm.create_model("visattn_vit_small_patch16_384_nystrom")
+    assert sum(isinstance(m, ViTMixer) and m.method == "nystrom" for m in model.modules()) == 12
+    assert model.pretrained_cfg["architecture"] == "visattn_vit_small_patch16_384_nystrom"
+    assert model.pretrained_cfg["input_size"] == (3, 384, 384)
+
+
+@pytest.mark.parametrize("name", VIT_NAMES)
+def test_registered_vit_round_trips_through_save_for_hf(name, tmp_path):
+    from timm.models import save_for_hf
+
+    attn_kwargs = {"num_features": 16, "seed": 3} if name.endswith("performer") else None
+    model = _vit_peaked_(timm.create_model(name, num_classes=5, attn_kwargs=attn_kwargs, **TINY_ARCH)).eval()
+    save_for_hf(model, tmp_path)
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert loaded.pretrained_cfg["architecture"] == name
+    # The method's keywords travel in config.json (they change the function, not the weights).
+    assert repr(loaded.blocks[0].attn) == repr(model.blocks[0].attn)
+    x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def _vit_peaked_(vit: torch.nn.Module) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in vit.parameters():
+            if p.dim() == 2:
+                p.normal_(0, p.shape[1] ** -0.5, generator=g)
+    return vit
+
+
+def test_registered_vit_loads_timm_weights_resampled_to_384(tmp_path):
+    """A 224-pixel timm checkpoint into the 384-pixel name: timm's checkpoint filter resamples the position
+    embeddings as for timm's own model, and with Nystrom at its dense limit the logits equal timm's dense ViT."""
+    torch.manual_seed(4)
+    src = _vit_peaked_(timm.create_model(NAME, **TINY_ARCH))
+    path = tmp_path / "vit224.safetensors"
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(path))
+    overlay = {"file": str(path)}
+    dense = timm.create_model(
+        "vit_small_patch16_384", pretrained=True, pretrained_cfg_overlay=overlay, **TINY_ARCH
+    ).eval()
+    model = timm.create_model(
+        "visattn_vit_small_patch16_384_nystrom",
+        pretrained=True,
+        pretrained_cfg_overlay=overlay,
+        attn_kwargs={"landmarks": (24, 24), "pinv_iterations": None},
+        **TINY_ARCH,
+    ).eval()
+    x = torch.randn(2, 3, 384, 384, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = dense(x)
+        assert (model(x) - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
+    assert model.pos_embed.shape == (1, 577, 64)
+
+
+def test_registered_vit_features_only():
+    model = timm.create_model(
+        "visattn_vit_small_patch16_384_longformer", features_only=True, out_indices=(0, 1), **TINY_ARCH
+    ).eval()
+    with torch.no_grad():
+        feats = model(torch.randn(1, 3, 208, 304))  # dynamic size: 13 x 19 patches
+    assert [tuple(f.shape) for f in feats] == [(1, 64, 13, 19), (1, 64, 13, 19)]
