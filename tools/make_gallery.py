@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from visattn.atomic import atomic_write_bytes  # noqa: E402
 
 IMAGE = "astronaut"
 QUERIES = [(200, 110), (140, 400)]  # the face and the suit: a textured and a flat region
@@ -28,18 +28,6 @@ TILE = 192
 GRID = 32
 CHANNELS = 16
 COLUMNS = 4
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_facts(bench: Path, out: Path) -> None:
@@ -60,7 +48,7 @@ def write_facts(bench: Path, out: Path) -> None:
         "source": "docs/bench-cpu.json",
         "blocks": {n: {k: r.get(k) for k in keys} for n, r in sorted(best.items())},
     }
-    _write_atomic(out, (json.dumps(facts, indent=1) + "\n").encode())
+    atomic_write_bytes(out, (json.dumps(facts, indent=1) + "\n").encode())
     print(f"wrote {out} ({len(facts['blocks'])} blocks)")
 
 
@@ -89,7 +77,7 @@ def tile(name: str, image, out: Path) -> None:
     img = img.quantize(colors=128)  # keeps the gallery small (a tile ~ 20 KB)
     buf = io.BytesIO()
     img.save(buf, format="PNG", optimize=True)
-    _write_atomic(out, buf.getvalue())
+    atomic_write_bytes(out, buf.getvalue())
 
 
 def write_page(folder: Path, page: Path) -> None:
@@ -125,7 +113,7 @@ def write_page(folder: Path, page: Path) -> None:
             )
         cells += [""] * (COLUMNS - len(cells))
         lines.append("| " + " | ".join(cells) + " |")
-    _write_atomic(page, ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(page, ("\n".join(lines) + "\n").encode())
     print(f"wrote {page} ({len(names)} blocks)")
 
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from . import registry, tables
+from .atomic import atomic_write_text
 from .engine.cli import add_train_test_parsers
 from .errors import (
     ArgumentParser,
@@ -44,25 +45,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then ``os.replace``)."""
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cmd_docs(args: argparse.Namespace) -> int:
     out = Path(args.output)
-    _write_text(out, tables.markdown_blocks())
+    atomic_write_text(out, tables.markdown_blocks())
     print(f"wrote {out}")
     return 0
 
@@ -202,7 +187,7 @@ def _cmd_support(args: argparse.Namespace) -> int:
         )
         rows.append(row)
     if args.output:
-        _write_text(Path(args.output), export.support_markdown(rows))
+        atomic_write_text(Path(args.output), export.support_markdown(rows))
         print(f"wrote {args.output}")
     return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import atomic_path
 from .errors import VisattnError
 from .registry import attn_info, create_attn, list_attns
 
@@ -504,11 +505,6 @@ class ExportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def _tmp_beside(out: Path) -> Path:
-    # The real suffix last: torch.export.save wants ".pt2".
-    return out.with_name(f".{out.stem}.tmp{os.getpid()}{out.suffix}")
-
-
 def _second_size(h: int, w: int, min_hw: int) -> tuple[int, int]:
     # Different in both dimensions and not a stride multiple, so padding and resizing paths run.
     return max(min_hw, h * 3 // 4 + 1), max(min_hw, w * 3 // 4 + 3)
@@ -565,11 +561,9 @@ def export_to_file(
     else:
         check = module
         checked_on = f"the exported weights ({exp.weights})"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(out)
     with torch.no_grad():
         refs = [check(xi) for xi in inputs]
-    try:
+    with atomic_path(out) as tmp:
         try:
             errors = _write_checked(module, check, tmp, out, fmt, inputs, refs, dynamic, min_hw, exp.kind)
         except Exception as err:
@@ -583,9 +577,6 @@ def export_to_file(
         if errors is None:
             notes.append("parity NOT checked: onnxruntime is not installed (pip install 'visattn[export]')")
             errors = []
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportReport(out, fmt, dynamic, min_hw, sizes, errors, checked_on, notes)
 
 

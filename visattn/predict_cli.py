@@ -13,6 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import arg_type, check_writable, device_arg, fraction, size_pair
 
 __all__ = ["add_predict_parser", "colorize", "overlay", "palette_for", "run_predict"]
@@ -164,11 +165,11 @@ def run_predict(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     overlay_path.parent.mkdir(parents=True, exist_ok=True)
     if model.num_classes <= 256:
-        _save_image(Image.fromarray(labels.astype(np.uint8), mode="L"), out)
+        atomic_write(out, Image.fromarray(labels.astype(np.uint8), mode="L").save)
     else:
-        _save_image(Image.fromarray(labels.astype(np.uint16)), out)
+        atomic_write(out, Image.fromarray(labels.astype(np.uint16)).save)
     palette = palette_for(model.data_cfg.get("dataset"), model.num_classes)
-    _save_image(Image.fromarray(overlay(image, labels, palette, args.alpha)), overlay_path)
+    atomic_write(overlay_path, Image.fromarray(overlay(image, labels, palette, args.alpha)).save)
     present = len(np.unique(labels))
     print(f"wrote {out} (label map {labels.shape[1]}x{labels.shape[0]}, {present} classes present)")
     print(f"wrote {overlay_path}")
@@ -236,21 +237,6 @@ def _write_explanation(model, image, point, path: Path, *, resize: bool) -> None
     save_png(
         compose(image, [[panel]], caption, (max(64, int(iw * scale)), max(64, int(ih * scale)) + 80)), path
     )
-
-
-def _save_image(img, path: Path) -> None:
-    """Save atomically: a temporary file in the same folder, then ``os.replace``."""
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, format=None)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def add_predict_parser(subparsers) -> argparse.ArgumentParser:

@@ -8,6 +8,7 @@ is comparable across machines (absolute times are only meaningful on a GPU; see 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils import benchmark
 
+from ..atomic import atomic_write_text
 from ..registry import attn_info, create_attn
 from .measure import count_flops, growth_exponent, saved_activation_bytes
 
@@ -276,23 +278,20 @@ def format_table(rows: list[BenchRow]) -> str:
 
 
 def write_csv(rows: list[BenchRow], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS[:1]) + [k for k in asdict(rows[0]) if k != "name"])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(asdict(r))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS[:1]) + [k for k in asdict(rows[0]) if k != "name"])
+    writer.writeheader()
+    for r in rows:
+        writer.writerow(asdict(r))
+    atomic_write_text(path, buf.getvalue())
 
 
 def write_json(rows: list[BenchRow], path: str | Path, meta: dict | None = None) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "meta": {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "torch": torch.__version__, **(meta or {})},
         "rows": [asdict(r) for r in rows],
     }
-    path.write_text(json.dumps(payload, indent=1, default=str))
+    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
 
 
 def declared_exponent(name: str) -> float | None:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..atomic import atomic_write
+
 __all__ = [
-    "atomic_write_text",
     "checkpoint_candidates",
     "checkpoint_iteration",
     "checkpoint_prefix",
@@ -42,23 +43,6 @@ CHECKPOINT_FORMS = (
 # Keys a training state file must hold for a resume (the model itself is the .safetensors file).
 RESUME_STATE_KEYS = ("iteration", "optimizer", "scheduler", "rng")
 _ITER_NAME = re.compile(r"iter_(\d+)")
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        # A failed write (full disk, interrupt) leaves neither a half file under the real name nor litter.
-        if tmp.exists():
-            tmp.unlink()
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``: a
-    reader (or a crash) sees the old content or the new, never a mix."""
-    _atomic(Path(path), lambda p: p.write_text(text))
 
 
 def rng_state() -> dict[str, Any]:
@@ -85,11 +69,11 @@ def save_checkpoint(
     work_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     model_path = work_dir / f"{name}.safetensors"
-    _atomic(
+    atomic_write(
         model_path, lambda p: save_file(tensors, str(p), metadata={"iteration": str(state.get("iteration"))})
     )
-    _atomic(work_dir / f"{name}.state.pt", lambda p: torch.save(state, p))
-    _atomic(work_dir / "latest", lambda p: p.write_text(name + "\n"))
+    atomic_write(work_dir / f"{name}.state.pt", lambda p: torch.save(state, p))
+    atomic_write(work_dir / "latest", lambda p: p.write_text(name + "\n"))
     return model_path
 
 

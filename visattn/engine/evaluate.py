@@ -128,7 +128,7 @@ def evaluate(
     model.train(was_training)
     metrics = metrics_from_confusion(conf.cpu(), class_names)
     if out_json and is_main():
-        from .checkpoint import atomic_write_text
+        from ..atomic import atomic_write_text
 
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         # Atomic: a run killed while writing keeps its previous result file, never a truncated one.

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 import yaml
 
+from ..atomic import atomic_write_text
 from ..errors import VisattnError
 from .checkpoint import (
-    atomic_write_text,
     checkpoint_iteration,
     checkpoint_prefix,
     find_intact_checkpoint,

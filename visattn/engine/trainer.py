@@ -25,9 +25,10 @@ import torch
 import torch.nn as nn
 import yaml
 
+from ..atomic import atomic_write_text
 from ..data import build_dataset, build_train_transform, build_val_transform
 from ..models.segmentor import build_segmentor
-from .checkpoint import atomic_write_text, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import rng_state, save_checkpoint, set_rng_state
 from .dist import barrier, get_rank, get_world_size, init_distributed, is_main
 from .evaluate import evaluate, format_table
 from .interrupt import (

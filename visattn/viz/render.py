@@ -7,12 +7,12 @@ colour map and the DejaVu font, which has the complexity formulas' glyphs (Â·, Â
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write
 from ..registry import attn_info
 from .maps import attention_probs, build_block, feature_map, query_map, to_grid
 
@@ -141,18 +141,8 @@ def compose(image, panels: list[list[Panel]], caption: str, size: tuple[int, int
 
 
 def save_png(img, path: str | Path) -> Path:
-    """Write ``img`` as PNG atomically (a temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG", optimize=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    """Write ``img`` as PNG atomically (:func:`visattn.atomic.atomic_write`)."""
+    return atomic_write(path, lambda p: img.save(p, format="PNG", optimize=True))
 
 
 def caption(name: str) -> str:
