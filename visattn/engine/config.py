@@ -19,7 +19,6 @@ import inspect
 import math
 import os
 import re
-import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ from typing import Any
 
 import yaml
 
+from ..annotations import describe_hint, matches_hint
 from ..errors import VisattnError
 
 __all__ = [
@@ -735,43 +735,6 @@ def _default_of(cls: type, name: str, fallback: Any) -> Any:
     return fallback
 
 
-def _hint_ok(value: Any, hint: Any) -> bool:
-    """Whether a YAML value fits a constructor annotation; unknown kinds of hints pass (the
-    constructor judges those)."""
-    if hint is None or hint is Any:
-        return True
-    if hint is type(None):
-        return value is None
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is typing.Union or isinstance(hint, types.UnionType):
-        return any(_hint_ok(value, a) for a in args)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return _is_int(value)
-    if hint is float:
-        return _is_num(value)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is typing.Literal:
-        return any(type(value) is type(a) and value == a for a in args)
-    if hint in (list, tuple) or origin in (list, tuple, Sequence):
-        if not isinstance(value, (list, tuple)):
-            return False
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(_hint_ok(v, a) for v, a in zip(value, args))
-        return not args or all(_hint_ok(v, args[0]) for v in value)
-    if hint is dict or origin in (dict, Mapping):
-        return isinstance(value, Mapping)
-    return True
-
-
-def _describe(hint: Any) -> str:
-    text = getattr(hint, "__name__", None) if not typing.get_args(hint) else None
-    text = text or str(hint).replace("typing.", "").replace("collections.abc.", "")
-    return text.replace("NoneType", "null")
-
-
 def _check_kwargs(kwargs: Mapping[str, Any], path: str, cls: type, owner: str, *, skip: set[str]) -> None:
     """Each keyword a parameter of ``cls``'s constructor (not one the segmentor sets itself, ``skip``)
     and of its annotated type."""
@@ -790,9 +753,13 @@ def _check_kwargs(kwargs: Mapping[str, Any], path: str, cls: type, owner: str, *
             raise ConfigError(
                 f"config key '{path}.{key}': {owner} has no parameter {key!r}{hint}; valid: {valid}"
             )
-        if not _hint_ok(value, params[key]):
+        if not matches_hint(value, params[key]):
             raise ConfigError(
-                _bad(f"{path}.{key}", f"{_describe(params[key])} (as {owner} declares it)", value)
+                _bad(
+                    f"{path}.{key}",
+                    f"{describe_hint(params[key]).replace('None', 'null')} (as {owner} declares it)",
+                    value,
+                )
             )
 
 

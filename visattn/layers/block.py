@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import inspect
 import numbers
-import types
 import typing
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn as nn
+
+from ..annotations import describe_hint, matches_hint
 
 __all__ = [
     "AttnBlock",
@@ -152,50 +152,6 @@ def _signature_and_hints(cls: type) -> tuple[inspect.Signature, dict[str, Any]]:
     return cached
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether ``value`` fits the annotation ``hint`` (int excludes bool, float accepts int, a tuple
-    annotation accepts a list as YAML configs give, unknown annotations accept anything)."""
-    if hint is Any:
-        return True
-    if hint is type(None) or hint is None:
-        return value is None
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, h) for h in typing.get_args(hint))
-    if origin is typing.Literal:
-        return value in typing.get_args(hint)
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin in (tuple, list, Sequence):
-        if not isinstance(value, (tuple, list)):
-            return False
-        args = typing.get_args(hint)
-        if not args:
-            return True
-        if origin is not tuple or (len(args) == 2 and args[1] is Ellipsis):
-            return all(_matches(v, args[0]) for v in value)
-        return len(value) == len(args) and all(_matches(v, h) for v, h in zip(value, args, strict=True))
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def _describe(hint: Any) -> str:
-    if hint is type(None) or hint is None:
-        return "None"
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(h) for h in typing.get_args(hint))
-    if isinstance(hint, type) and not typing.get_args(hint):
-        return hint.__name__
-    return str(hint).replace("typing.", "")
-
-
 def check_constructor_args(cls: type, block: str, args: tuple, kwargs: dict[str, Any]) -> None:
     """Check a block's constructor call against its signature and annotations: unknown or missing
     arguments are a TypeError (as Python's own), a value of the wrong type a ValueError naming the
@@ -215,9 +171,9 @@ def check_constructor_args(cls: type, block: str, args: tuple, kwargs: dict[str,
                 raise ValueError(
                     f"{block}: dtype must be a floating torch.dtype (e.g. torch.float32) or None, got {value!r}"
                 )
-        elif pname in hints and not _matches(value, hints[pname]):
+        elif pname in hints and not matches_hint(value, hints[pname]):
             raise ValueError(
-                f"{block}: {pname} must be {_describe(hints[pname])}, got {type(value).__name__} {value!r}"
+                f"{block}: {pname} must be {describe_hint(hints[pname])}, got {type(value).__name__} {value!r}"
             )
 
 
