@@ -14,21 +14,30 @@ refused rather than training the default model.
 from __future__ import annotations
 
 import copy
-import difflib
-import inspect
-import math
 import os
-import re
-import typing
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..annotations import describe_hint, matches_hint
-from ..errors import VisattnError
+from .config_rules import (
+    Bool,
+    Choice,
+    ConfigError,
+    Int,
+    Map,
+    Num,
+    Pair,
+    Rule,
+    Seq,
+    Str,
+    _device,
+    _show,
+    _unknown_msg,
+    check_mapping,
+)
+from .model_check import check_model_config
 
 __all__ = [
     "DEFAULTS",
@@ -42,139 +51,6 @@ __all__ = [
     "read_yaml",
     "validate_config",
 ]
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    # bool is an int to Python, never a number to a user; nan/inf are never a meaningful setting.
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _is_str(v: Any) -> bool:
-    return isinstance(v, str) and bool(v.strip())
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One config key's contract: ``test(value)`` is True for a valid value, ``expect`` says what is
-    valid in words (used verbatim in the error), ``optional`` also admits null. ``spec`` makes the value
-    a mapping whose own keys follow that table (checked recursively, paths joined with dots)."""
-
-    expect: str
-    test: Callable[[Any], bool]
-    optional: bool = False
-    spec: Mapping[str, Rule] | None = None
-
-    def check(self, path: str, value: Any) -> None:
-        if value is None and self.optional:
-            return
-        if not self.test(value):
-            raise ConfigError(_bad(path, self.expect + (" or null" if self.optional else ""), value))
-        if self.spec is not None:
-            check_mapping(value, self.spec, path + ".")
-
-
-def Int(lo: int | None = None, hi: int | None = None, *, optional: bool = False) -> Rule:
-    """An int (not a bool) in [lo, hi]."""
-    if lo is not None and hi is not None:
-        expect = f"an int in [{lo}, {hi}]"
-    elif lo is not None:
-        expect = "a positive int" if lo == 1 else f"an int >= {lo}"
-    else:
-        expect = "an int"
-    return Rule(
-        expect,
-        lambda v: _is_int(v) and (lo is None or v >= lo) and (hi is None or v <= hi),
-        optional,
-    )
-
-
-def Num(
-    lo: float | None = None, hi: float | None = None, *, lo_open=False, hi_open=False, optional=False
-) -> Rule:
-    """A finite int or float in the interval given (open ends where said)."""
-    if lo is not None and hi is not None:
-        expect = f"a number in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-    elif lo is not None:
-        expect = f"a number {'>' if lo_open else '>='} {lo}"
-    else:
-        expect = "a number"
-
-    def test(v: Any) -> bool:
-        if not _is_num(v):
-            return False
-        if lo is not None and (v <= lo if lo_open else v < lo):
-            return False
-        return hi is None or (v < hi if hi_open else v <= hi)
-
-    return Rule(expect, test, optional)
-
-
-def Bool(*, optional: bool = False) -> Rule:
-    return Rule("true or false", lambda v: isinstance(v, bool), optional)
-
-
-def Str(*, optional: bool = False) -> Rule:
-    return Rule("a non-empty string", _is_str, optional)
-
-
-def Choice(*choices: Any) -> Rule:
-    """One of ``choices`` (compared with their type: 8.0 is not the choice 8, true is not 1)."""
-    optional = None in choices
-    real = [c for c in choices if c is not None]
-    return Rule(
-        f"one of {real}",
-        lambda v: any(type(v) is type(c) and v == c for c in real),
-        optional,
-    )
-
-
-def Pair(*, optional: bool = False) -> Rule:
-    """An (h, w) size: one positive int for a square, or [h, w] of positive ints."""
-    return Rule(
-        "an int or [h, w] of positive ints",
-        lambda v: (
-            (_is_int(v) and v >= 1)
-            or (isinstance(v, (list, tuple)) and len(v) == 2 and all(_is_int(x) and x >= 1 for x in v))
-        ),
-        optional,
-    )
-
-
-def Seq(length: int | None, item: Rule, expect: str, extra=None, *, optional: bool = False) -> Rule:
-    """A list (of ``length`` items, or non-empty) whose items follow ``item``, and ``extra(list)``."""
-
-    def test(v: Any) -> bool:
-        if not isinstance(v, (list, tuple)) or (len(v) != length if length is not None else not v):
-            return False
-        return all(item.test(x) for x in v) and (extra is None or extra(v))
-
-    return Rule(expect, test, optional)
-
-
-def Map(spec: Mapping[str, Rule] | None = None, *, optional: bool = False) -> Rule:
-    """A mapping with string keys (``spec``: the table its keys follow)."""
-    return Rule(
-        "a mapping (key: value)",
-        lambda v: isinstance(v, Mapping) and all(isinstance(k, str) for k in v),
-        optional,
-        spec,
-    )
-
-
-def _device(v: Any) -> bool:
-    import torch
-
-    if not _is_str(v):
-        return False
-    try:
-        torch.device(v)
-    except (RuntimeError, ValueError):
-        return False
-    return True
 
 
 _POS_NUM = Num(0, lo_open=True)
@@ -314,10 +190,6 @@ MODEL_SPEC: dict[str, Rule] = {
 }
 
 
-class ConfigError(VisattnError, ValueError):
-    """A bad config value; the message names the key."""
-
-
 def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
@@ -326,17 +198,6 @@ def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 80:
-        text = text[:77] + "..."
-    return f"{text} ({type(value).__name__})"
-
-
-def _bad(path: str, expect: str, value: Any) -> str:
-    return f"config key {path!r} must be {expect}, got {_show(value)}"
 
 
 # -- YAML ---------------------------------------------------------------------------------------------
@@ -475,16 +336,6 @@ def demo_config_path() -> Path:
 
 
 # -- checking -------------------------------------------------------------------------------------
-def check_mapping(
-    given: Mapping[str, Any], spec: Mapping[str, Rule], prefix: str, *, what: str = "config key"
-) -> None:
-    """Every key of ``given`` known to ``spec`` and valid by its rule; ``prefix`` is the key path so far."""
-    for key, value in given.items():
-        if key not in spec:
-            raise ConfigError(_unknown_msg(key, prefix, spec, what=what))
-        spec[key].check(prefix + str(key), value)
-
-
 def validate_config(raw: Mapping[str, Any], *, check_paths: bool = True) -> dict[str, Any]:
     """Defaults filled in, every key checked for type and range, cross-key rules, the model section
     (:func:`check_model_config`) and the dataset folder checked; raises ConfigError naming the key."""
@@ -556,248 +407,3 @@ def _check_cross(cfg: Mapping[str, Any]) -> None:
                 "config key 'eval.crop_size' is needed by eval.mode 'slide' (the window size): set it, "
                 "or model.data.crop_size"
             )
-
-
-# -- the model section --------------------------------------------------------------------------
-def check_model_config(model: Mapping[str, Any], prefix: str = "model.") -> None:
-    """Check a segmentor config (the ``model`` section) before anything is built: every key's type and
-    range (:data:`MODEL_SPEC`), the backbone against timm, the head and blocks against the registry,
-    and every ``*_kwargs`` against the constructor it goes to (names, annotated types, then a build on
-    the meta device, which allocates nothing). ``prefix`` starts every key path in the messages."""
-    from ..models.segmentor import DEFAULT_CONFIG
-
-    Map().check(prefix.rstrip(".") or "model", model)
-    check_mapping(model, MODEL_SPEC, prefix, what="segmentor config key")
-    cfg = {**DEFAULT_CONFIG, **model}
-    for key in ("backbone_kwargs", "backbone_attn_kwargs", "head_kwargs", "attn_kwargs", "aux_kwargs"):
-        cfg[key] = dict(cfg[key] or {})
-    _check_backbone(cfg, prefix)
-    _check_heads(cfg, prefix)
-
-
-def _unknown_block(path: str, name: str) -> ConfigError:
-    from ..registry import list_attns
-
-    close = difflib.get_close_matches(name, list_attns(), n=5, cutoff=0.5)
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-    return ConfigError(
-        f"config key {path!r}: unknown attention block {name!r}{hint}; see visattn.list_attns()"
-    )
-
-
-def _check_backbone(cfg: Mapping[str, Any], prefix: str) -> None:
-    import timm
-
-    from ..registry import attn_class, list_attns
-
-    name = cfg["backbone"]
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ConfigError(
-            f"config key '{prefix}backbone': unknown timm model {name!r}{hint}; see timm.list_models()"
-        )
-    block = cfg["backbone_attn"]
-    if block is None:
-        if cfg["backbone_attn_kwargs"]:
-            raise ConfigError(
-                f"config key '{prefix}backbone_attn_kwargs' is only used with {prefix}backbone_attn "
-                "(a block inserted into the backbone); set that or remove the kwargs"
-            )
-        return
-    if block not in list_attns():
-        raise _unknown_block(prefix + "backbone_attn", block)
-    _check_kwargs(
-        cfg["backbone_attn_kwargs"],
-        prefix + "backbone_attn_kwargs",
-        attn_class(block),
-        f"block {block!r}",
-        skip={"channels", "device", "dtype"},
-    )
-
-
-def _check_heads(cfg: Mapping[str, Any], prefix: str) -> None:
-    from ..models.heads import HEADS, AttnHead, FCNHead
-    from ..models.segmentor import AUX_DEFAULTS
-    from ..registry import attn_class, create_attn, list_attns
-
-    head, attn = cfg["head"], cfg["attn"]
-    blocks = list_attns()
-    if head == "attn":
-        if attn is None:
-            raise ConfigError(
-                f"config key '{prefix}attn' must name a block (visattn.list_attns()) for head 'attn'"
-            )
-        if attn not in blocks:
-            raise _unknown_block(prefix + "attn", attn)
-        block = attn
-    elif head in HEADS:
-        if attn is not None:
-            raise ConfigError(
-                f"config key '{prefix}attn' is only used with head 'attn', not with head {head!r}; "
-                f"remove it, or set {prefix}head=attn"
-            )
-        block = None
-    elif head in blocks:
-        if attn is not None and attn != head:
-            raise ConfigError(
-                f"config key '{prefix}attn' ({attn!r}) contradicts {prefix}head ({head!r}, a block "
-                f"used as the head); set {prefix}head=attn and {prefix}attn, or remove {prefix}attn"
-            )
-        block = head
-    else:
-        close = difflib.get_close_matches(head, sorted({*HEADS, *blocks}), n=5, cutoff=0.5)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-        raise ConfigError(
-            f"config key '{prefix}head': unknown head {head!r}{hint}; a head is one of {sorted(HEADS)} "
-            "or a block of visattn.list_attns()"
-        )
-    if block is None and cfg["attn_kwargs"]:
-        raise ConfigError(
-            f"config key '{prefix}attn_kwargs' is only used with a block head (head 'attn' or a block "
-            f"name), not with head {head!r}; remove it"
-        )
-    head_cls = AttnHead if block is not None else HEADS[head]
-    owned = {"in_channels", "num_classes", "attn", "attn_kwargs", "block", "device", "dtype"}
-    _check_kwargs(
-        cfg["head_kwargs"],
-        prefix + "head_kwargs",
-        head_cls,
-        f"head {head!r} ({head_cls.__name__})",
-        skip=owned,
-    )
-    head_kwargs = {"dropout": cfg["dropout"], **cfg["head_kwargs"]}
-    if block is not None:
-        _check_kwargs(
-            cfg["attn_kwargs"],
-            prefix + "attn_kwargs",
-            attn_class(block),
-            f"block {block!r}",
-            skip={"channels", "device", "dtype"},
-        )
-        channels = head_kwargs.get("channels", _default_of(head_cls, "channels", 512))
-        _build_on_meta(
-            [(prefix + "attn_kwargs", cfg["attn_kwargs"]), (prefix + "head_kwargs", cfg["head_kwargs"])],
-            f"block {block!r} with channels={channels}",
-            lambda: create_attn(block, channels, **cfg["attn_kwargs"]),
-        )
-        head_kwargs.update(attn=block, attn_kwargs=cfg["attn_kwargs"])
-    # in_channels comes from the backbone at build time; any valid width shows the head's own errors.
-    _build_on_meta(
-        [(prefix + "head_kwargs", cfg["head_kwargs"])],
-        f"head {head!r}",
-        lambda: head_cls(64, num_classes=cfg["num_classes"], **head_kwargs),
-    )
-    if cfg["aux"]:
-        _check_kwargs(cfg["aux_kwargs"], prefix + "aux_kwargs", FCNHead, "the auxiliary FCNHead", skip=owned)
-        aux_kwargs = {**AUX_DEFAULTS, "dropout": cfg["dropout"], **cfg["aux_kwargs"]}
-        _build_on_meta(
-            [(prefix + "aux_kwargs", cfg["aux_kwargs"])],
-            "the auxiliary FCNHead",
-            lambda: FCNHead(64, num_classes=cfg["num_classes"], **aux_kwargs),
-        )
-
-
-def _init_params(cls: type) -> tuple[dict[str, Any], bool]:
-    """{keyword: type hint or None} a class's constructor accepts, following ``**kwargs`` up the MRO to
-    the first closed ``__init__``; and whether the chain stays open (then any keyword may be valid)."""
-    import torch.nn as nn
-
-    params: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        if klass in (nn.Module, object):
-            return params, True
-        init = vars(klass).get("__init__")
-        if init is None:
-            continue
-        try:
-            hints = typing.get_type_hints(init)
-        except Exception:  # an annotation that does not evaluate: names are still checked
-            hints = {}
-        open_ended = False
-        for name, p in list(inspect.signature(init).parameters.items())[1:]:
-            if p.kind is p.VAR_KEYWORD:
-                open_ended = True
-            elif p.kind is not p.VAR_POSITIONAL:
-                params.setdefault(name, hints.get(name))
-        if not open_ended:
-            return params, False
-    return params, True
-
-
-def _default_of(cls: type, name: str, fallback: Any) -> Any:
-    for klass in cls.__mro__:
-        init = vars(klass).get("__init__")
-        if init is not None:
-            p = inspect.signature(init).parameters.get(name)
-            if p is not None and p.default is not p.empty:
-                return p.default
-    return fallback
-
-
-def _check_kwargs(kwargs: Mapping[str, Any], path: str, cls: type, owner: str, *, skip: set[str]) -> None:
-    """Each keyword a parameter of ``cls``'s constructor (not one the segmentor sets itself, ``skip``)
-    and of its annotated type."""
-    params, open_ended = _init_params(cls)
-    valid = sorted(k for k in params if k not in skip)
-    for key, value in kwargs.items():
-        if key in skip and key in params:
-            raise ConfigError(
-                f"config key '{path}.{key}' is set by the segmentor itself, not through {path}; remove it"
-            )
-        if key not in params:
-            if open_ended:
-                continue
-            close = difflib.get_close_matches(str(key), valid, n=3, cutoff=0.5)
-            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
-            raise ConfigError(
-                f"config key '{path}.{key}': {owner} has no parameter {key!r}{hint}; valid: {valid}"
-            )
-        if not matches_hint(value, params[key]):
-            raise ConfigError(
-                _bad(
-                    f"{path}.{key}",
-                    f"{describe_hint(params[key]).replace('None', 'null')} (as {owner} declares it)",
-                    value,
-                )
-            )
-
-
-def _build_on_meta(
-    sources: Sequence[tuple[str, Mapping[str, Any]]], owner: str, build: Callable[[], Any]
-) -> None:
-    """Run a constructor on the meta device so its own hyperparameter checks (ValueError, TypeError)
-    surface now, named by the config key, instead of after the backbone is built or data is loaded.
-
-    ``sources`` are the (key path, kwargs) the constructor's arguments come from; the error is put on
-    the first keyword its message names, else on the first path."""
-    import torch
-
-    try:
-        with torch.device("meta"):
-            build()
-        return
-    except Exception:  # noqa: S110 - some inits compute on their weights (.item()): see below
-        pass
-    try:
-        # A real build decides; fork_rng keeps the global RNG as it was, so the model built later
-        # gets the same initial weights as without this check.
-        with torch.random.fork_rng(devices=[]):
-            build()
-    except Exception as err:  # caused by these values: a config error, named by its key
-        msg = str(err) if isinstance(err, (ValueError, TypeError)) else f"{type(err).__name__}: {err}"
-        key = sources[0][0]
-        for path, kwargs in sources:
-            named = [
-                k for k in sorted(kwargs, key=len, reverse=True) if re.search(rf"\b{re.escape(k)}\b", msg)
-            ]
-            if named:
-                key = f"{path}.{named[0]}"
-                break
-        raise ConfigError(f"config key {key!r}: {owner} cannot be built: {msg}") from None
-
-
-def _unknown_msg(key: str, prefix: str, valid: Mapping[str, Any], *, what: str = "config key") -> str:
-    close = difflib.get_close_matches(str(key), list(valid), n=3, cutoff=0.5)
-    hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
-    return f"unknown {what} {prefix + str(key)!r}{hint}; valid keys: {sorted(prefix + k for k in valid)}"
