@@ -222,6 +222,17 @@ def test_window_receptive_field_on_the_2d_grid(tiny_file):
     assert g[0, :2].abs().sum(-1).gt(0).all()
 
 
+def test_a_deep_copy_hears_its_own_grid(tiny_file, images):
+    """copy.deepcopy (an EMA model, say) keeps the grid hook with its mixers: before, the copy's
+    patch_embed reported to the original's mixers and the copy guessed a square grid (0.078 off at 160x96)."""
+    import copy
+
+    model = _build("longformer", tiny_file, kernel_size=3)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        assert torch.equal(twin(images["160x96"]), model(images["160x96"]))
+
+
 def test_real_vit_small_shapes(tmp_path, caplog):
     path = tmp_path / "vit_small.safetensors"
     save_file(_random_dense_state(), str(path))

@@ -223,6 +223,21 @@ class _GridContext:
         self.grid: tuple[int, int] | None = None
 
 
+class _GridHook:
+    """The ``patch_embed`` forward hook that reports the grid to the mixers' :class:`_GridContext`. An
+    object rather than a closure: ``copy.deepcopy(model)`` (an EMA copy, say) then copies the hook with
+    the context, and the copy's mixers hear their own patch_embed, not the original's."""
+
+    def __init__(self, ctx: _GridContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if output.dim() == 4:  # dynamic_img_size: NHWC patch map
+            self.ctx.grid = (int(output.shape[1]), int(output.shape[2]))
+        else:
+            self.ctx.grid = tuple(int(s) for s in module.dynamic_feat_size(inputs[0].shape[-2:]))
+
+
 class ViTMixer(nn.Module):
     """timm ``Attention``-compatible module that runs the method ``method`` on timm's q, k, v.
 
@@ -368,15 +383,7 @@ def attach_grid(model: nn.Module) -> nn.Module:
             f"attach_grid: {type(model).__name__} has no patch_embed; pass a timm VisionTransformer"
         )
     ctx = _GridContext(int(getattr(model, "num_prefix_tokens", 0)))
-
-    def hook(module, inputs, output):
-        if output.dim() == 4:  # dynamic_img_size: NHWC patch map
-            ctx.grid = (int(output.shape[1]), int(output.shape[2]))
-        else:
-            size = inputs[0].shape[-2:]
-            ctx.grid = tuple(int(s) for s in module.dynamic_feat_size(size))
-
-    patch_embed.register_forward_hook(hook)
+    patch_embed.register_forward_hook(_GridHook(ctx))
     for m in model.modules():
         if isinstance(m, ViTMixer):
             m._grid_ctx = ctx
