@@ -1,0 +1,458 @@
+"""Every block against dense multi-head attention at the same batch, channels, heads, dtype and size.
+
+The reference is :class:`DenseAttention`: ``x + MHSA(x)`` over all H·W tokens with
+:class:`visattn.layers.attention.MultiHeadAttention` (linear q/k/v, multi-head SDPA, output projection).
+The ``nonlocal`` block is not used as the reference although it is dense: it is one head of C/2
+channels with 1x1 convolutions and a BatchNorm, so it does half the attention FLOPs of a C-wide
+multi-head layer and would flatter dense; the reference here has the block's own head count.
+
+Timing is a ratio measured in one run: each round times the block and the reference back to back
+(alternating which goes first, so a load change hits both alike) and the reported ratio is the median
+over rounds of (block / dense in the same round). Saved-activation memory is deterministic
+(:func:`visattn.bench.saved_activation_bytes`). The crossover is the smallest square side of a grid
+from which on the block is faster than dense at every larger side of the grid.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils import benchmark
+
+from ..atomic import atomic_write_text
+from ..layers import to_map, to_tokens
+from ..layers.attention import MultiHeadAttention, default_heads, resolve_heads
+from ..registry import attn_info, create_attn
+from .measure import saved_activation_bytes
+
+__all__ = [
+    "DenseAttention",
+    "DenseRatio",
+    "block_heads",
+    "interleaved_ratio",
+    "find_crossover",
+    "crossovers",
+    "measure_vs_dense",
+    "sweep_vs_dense",
+    "format_vs_dense",
+    "markdown_vs_dense",
+    "replace_section",
+    "machine_description",
+    "write_vs_dense_json",
+    "read_vs_dense_json",
+]
+
+
+class DenseAttention(nn.Module):
+    """Dense multi-head softmax attention over all H·W tokens of a (B, C, H, W) map, with a residual.
+
+    Args:
+        channels: C, also the attention width (no reduction).
+        heads: number of heads (default: :func:`visattn.layers.attention.default_heads`).
+    """
+
+    def __init__(self, channels: int, *, heads: int | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        self.heads = resolve_heads(channels, heads, "dense")
+        # Not zero-initialised: the reference should carry gradients into every projection, as a
+        # trained layer does (the cost of backward is the same either way).
+        self.attn = MultiHeadAttention(channels, self.heads, zero_init_out=False, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        return x + to_map(self.attn(to_tokens(x)), h, w)
+
+
+def block_heads(block: nn.Module, channels: int) -> int:
+    """The head count a block runs with (its ``heads`` attribute), else the library's default for C."""
+    heads = getattr(block, "heads", None)
+    if isinstance(heads, int) and not isinstance(heads, bool) and heads >= 1 and channels % heads == 0:
+        return heads
+    return default_heads(channels)
+
+
+@dataclass
+class DenseRatio:
+    """One block at one size against dense attention in the same run (ratios < 1: the block wins)."""
+
+    name: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    dtype: str
+    device: str
+    mode: str  # "eager" or "compiled"
+    heads: int
+    rounds: int
+    block_ms: float  # median forward+backward time over rounds
+    dense_ms: float
+    time_ratio: float  # median over rounds of block / dense in the same round
+    block_saved_mib: float
+    dense_saved_mib: float
+    memory_ratio: float
+    status: str = "ok"
+
+
+def interleaved_ratio(
+    time_block: Callable[[], float], time_dense: Callable[[], float], rounds: int
+) -> tuple[float, float, float]:
+    """(median block time, median dense time, median per-round ratio block / dense).
+
+    Even rounds time the block first, odd rounds dense first, so a drift in machine load inside a
+    round does not always favour the same side. The ratio is the median of per-round ratios (not the
+    ratio of medians): each round's pair shares one machine state.
+    """
+    if rounds < 1:
+        raise ValueError(f"vs-dense: rounds must be >= 1, got {rounds}")
+    tb, td = [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            tb.append(time_block())
+            td.append(time_dense())
+        else:
+            td.append(time_dense())
+            tb.append(time_block())
+    ratios = [b / d if d > 0 else math.nan for b, d in zip(tb, td)]
+    return statistics.median(tb), statistics.median(td), statistics.median(ratios)
+
+
+def find_crossover(ratio_at: Callable[[int], float], grid: Iterable[int]) -> int | None:
+    """Smallest side s of ``grid`` such that the block is faster than dense (ratio < 1) at s and at every
+    larger side of the grid; None when it is not faster at the largest side.
+
+    ``ratio_at`` is called lazily from the largest side down and not past the first side where the
+    block loses, so an expensive measurement is only made where it can change the answer. A ratio
+    that is NaN (a failed measurement) counts as not faster.
+    """
+    sides = sorted(set(grid))
+    if not sides:
+        raise ValueError("vs-dense: the crossover needs a non-empty grid of square sides")
+    found = None
+    for side in reversed(sides):
+        ratio = ratio_at(side)
+        if not ratio < 1.0:
+            break
+        found = side
+    return found
+
+
+def crossovers(rows: Sequence[DenseRatio]) -> dict[tuple[str, str, str], int | None]:
+    """Crossover per (block, dtype, mode) over the square sizes present in ``rows``."""
+    groups: dict[tuple[str, str, str], dict[int, float]] = {}
+    for r in rows:
+        if r.height == r.width:
+            ratio = r.time_ratio if r.status == "ok" else math.nan
+            groups.setdefault((r.name, r.dtype, r.mode), {})[r.height] = ratio
+    return {key: find_crossover(ratios.__getitem__, ratios) for key, ratios in groups.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _make_timer(device: torch.device, min_time: float) -> Callable[[Callable[[], object]], float]:
+    """A timer in ms: torch.utils.benchmark's ``timeit`` with as many calls as fill ``min_time``."""
+
+    def timer(fn: Callable[[], object]) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        once = time.perf_counter() - start
+        number = max(1, int(min_time / max(once, 1e-6)))
+        return benchmark.Timer(stmt="fn()", globals={"fn": fn}).timeit(number).median * 1e3
+
+    return timer
+
+
+def measure_vs_dense(
+    name: str,
+    *,
+    batch: int = 1,
+    channels: int = 64,
+    size: tuple[int, int] = (32, 32),
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    rounds: int = 3,
+    min_time: float = 0.05,
+    compile: bool = False,
+    compile_backend: str = "inductor",
+    max_call_s: float | None = None,
+    module: nn.Module | None = None,
+    timer: Callable[[Callable[[], object]], float] | None = None,
+) -> DenseRatio:
+    """One block (registry ``name``, or ``module`` labelled ``name``) against :class:`DenseAttention`.
+
+    ``max_call_s``: when the first forward+backward of the block or of dense takes longer, the row is
+    returned with a ``skipped`` status instead of timing rounds that would take minutes. ``timer``
+    (fn -> ms) replaces the torch.utils.benchmark timer, for tests.
+    """
+    device = torch.device(device)
+    torch.manual_seed(0)
+    block = module if module is not None else create_attn(name, channels)
+    block = block.to(device=device, dtype=dtype).train()
+    heads = block_heads(block, channels)
+    dense = DenseAttention(channels, heads=heads).to(device=device, dtype=dtype).train()
+    h, w = size
+    x = torch.randn(batch, channels, h, w, device=device, dtype=dtype, requires_grad=True)
+    saved_block = saved_activation_bytes(block, x) / 2**20
+    saved_dense = saved_activation_bytes(dense, x) / 2**20
+    run_block, run_dense = block, dense
+    if compile:
+        run_block = torch.compile(block, backend=compile_backend)
+        run_dense = torch.compile(dense, backend=compile_backend)
+
+    def step(model: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        def fwd_bwd() -> None:
+            out = model(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            out.float().sum().backward()
+
+        return fwd_bwd
+
+    fb_block, fb_dense = step(run_block), step(run_dense)
+    row = DenseRatio(
+        name, batch, channels, h, w, str(dtype).replace("torch.", ""), str(device),
+        "compiled" if compile else "eager", heads, rounds, math.nan, math.nan, math.nan,
+        saved_block, saved_dense, saved_block / saved_dense if saved_dense else math.nan,
+    )  # fmt: skip
+    # First calls compile (when asked) and warm the allocator; they also size the work.
+    for label, fn in (("block", fb_block), ("dense", fb_dense)):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        took = time.perf_counter() - start
+        if max_call_s is not None and took > max_call_s and not compile:
+            row.status = f"skipped: one {label} forward+backward took {took:.1f} s > {max_call_s:g} s"
+            return row
+    timer = timer or _make_timer(device, min_time)
+    row.block_ms, row.dense_ms, row.time_ratio = interleaved_ratio(
+        lambda: timer(fb_block), lambda: timer(fb_dense), rounds
+    )
+    return row
+
+
+def sweep_vs_dense(
+    names: Iterable[str],
+    sizes: Iterable[tuple[int, int]],
+    *,
+    batch: int = 1,
+    channels: int = 64,
+    dtypes: Iterable[torch.dtype] = (torch.float32,),
+    device: str = "cpu",
+    rounds: int = 3,
+    min_time: float = 0.05,
+    compile: bool = False,
+    compile_backend: str = "inductor",
+    max_call_s: float | None = None,
+    on_row: Callable[[DenseRatio], None] | None = None,
+    progress: bool = True,
+) -> list[DenseRatio]:
+    """:func:`measure_vs_dense` for every (dtype, size, block); a failing block becomes an error row.
+
+    ``on_row`` is called after each row (the GPU sweep saves its results there, so a run cut short
+    keeps what it measured).
+    """
+    names, sizes, dtypes = list(names), list(sizes), list(dtypes)
+    dev = torch.device(device)
+    rows: list[DenseRatio] = []
+    jobs = [(dt, s, n) for dt in dtypes for s in sizes for n in names]
+    bar = _progress(len(jobs), progress)
+    for dt, size, name in jobs:
+        bar.set_description(f"vs dense: {name} {size[0]}x{size[1]} {str(dt).replace('torch.', '')}")
+        try:
+            row = measure_vs_dense(
+                name, batch=batch, channels=channels, size=size, dtype=dt, device=device, rounds=rounds,
+                min_time=min_time, compile=compile, compile_backend=compile_backend, max_call_s=max_call_s,
+            )  # fmt: skip
+        except Exception as err:  # one failing block (or OOM) must not end a long sweep
+            row = DenseRatio(
+                name, batch, channels, size[0], size[1], str(dt).replace("torch.", ""), device,
+                "compiled" if compile else "eager", 0, rounds, *[math.nan] * 6,
+                status=f"error: {type(err).__name__}: {err}"[:200],
+            )  # fmt: skip
+        finally:
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+        bar.update(1)
+    bar.close()
+    return rows
+
+
+class _NoBar:
+    def set_description(self, *_):
+        pass
+
+    def update(self, *_):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, leave=False)
+
+
+def _num(v: float, digits: int = 3) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}g}"
+
+
+def format_vs_dense(rows: Sequence[DenseRatio]) -> str:
+    """Plain-text table of the rows, then the crossover of every (block, dtype, mode)."""
+    head = ("block", "dtype", "mode", "HxW", "heads", "block ms", "dense ms", "time x", "memory x", "status")
+    table = [head] + [
+        (
+            r.name,
+            r.dtype,
+            r.mode,
+            f"{r.height}x{r.width}",
+            str(r.heads),
+            _num(r.block_ms),
+            _num(r.dense_ms),
+            _num(r.time_ratio),
+            _num(r.memory_ratio),
+            r.status,
+        )  # fmt: skip
+        for r in rows
+    ]
+    widths = [max(len(t[i]) for t in table) for i in range(len(head))]
+    lines = ["  ".join(v.ljust(wd) for v, wd in zip(t, widths)).rstrip() for t in table]
+    squares = sorted({r.height for r in rows if r.height == r.width})
+    if squares:
+        lines += ["", f"crossover (smallest side from which the block beats dense), grid {squares}:"]
+        for (name, dt, mode), side in sorted(crossovers(rows).items()):
+            where = f"{side}x{side}" if side is not None else f"none up to {squares[-1]}x{squares[-1]}"
+            lines.append(f"  {name:<20} {dt:<9} {mode:<8} {where}")
+    return "\n".join(lines)
+
+
+def markdown_vs_dense(
+    rows: Sequence[DenseRatio],
+    *,
+    reasons: dict[str, str] | None = None,
+    mode: str = "eager",
+    dtype: str | None = None,
+) -> str:
+    """Markdown table: one line per block, the time ratio at each square side, the saved-memory ratio at
+    the largest side, the crossover, and (for blocks at >= 1.0x dense at the largest side) the reason
+    from ``reasons`` where one is known. Ratios >= 1.0 are bold."""
+    rows = [r for r in rows if r.mode == mode and (dtype is None or r.dtype == dtype) and r.height == r.width]
+    sides = sorted({r.height for r in rows})
+    if not sides:
+        return "_no rows measured._"
+    top = sides[-1]
+    cross = crossovers(rows)
+    by = {(r.name, r.height): r for r in rows}
+    names = sorted({r.name for r in rows})
+    out = [
+        "| block | FLOP exp. | heads | "
+        + " | ".join(f"time x at {s}x{s}" for s in sides)
+        + f" | saved memory x at {top}x{top} | crossover | why >= 1.0x |",
+        "|---|---|---|" + "---|" * len(sides) + "---|---|---|",
+    ]
+    for name in names:
+        try:
+            exp = f"{attn_info(name).flops_exponent:g}"
+        except ValueError:
+            exp = "-"
+        cells, heads = [], "-"
+        for s in sides:
+            r = by.get((name, s))
+            if r is None:
+                cells.append("-")
+            elif r.status != "ok":
+                cells.append("skipped" if r.status.startswith("skipped") else "error")
+            else:
+                heads = str(r.heads)
+                cells.append(f"**{r.time_ratio:.2f}**" if r.time_ratio >= 1.0 else f"{r.time_ratio:.2f}")
+        last = by.get((name, top))
+        mem = _num(last.memory_ratio) if last is not None else "-"
+        side = cross.get((name, last.dtype if last else "", mode)) if last is not None else None
+        where = f"{side}" if side is not None else "none"
+        losing = last is None or last.status != "ok" or not last.time_ratio < 1.0
+        why = (reasons or {}).get(name, "") if losing else ""
+        out.append(f"| `{name}` | {exp} | {heads} | " + " | ".join(cells) + f" | {mem} | {where} | {why} |")
+    return "\n".join(out)
+
+
+BEGIN = "<!-- vs-dense:begin (generated; edit the tool, not this section) -->"
+END = "<!-- vs-dense:end -->"
+
+
+def replace_section(text: str, body: str) -> str:
+    """``text`` with the generated vs-dense section replaced by ``body`` (appended when absent), so a
+    page's hand-written and other generated parts stay as they are."""
+    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
+    start, end = text.find(BEGIN), text.find(END)
+    if start == -1 and end == -1:
+        return text.rstrip() + "\n\n" + block + "\n"
+    if start == -1 or end < start:
+        raise ValueError(
+            f"vs-dense: the page has a broken generated section (markers {BEGIN!r} / {END!r} missing or "
+            "out of order); restore both markers or delete what is left of them"
+        )
+    return text[:start] + block + text[end + len(END) :]
+
+
+def machine_description(device: str | torch.device = "cpu") -> str:
+    """The machine in words: the GPU name, or the CPU model with its cores, torch's threads and the load."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}"
+
+
+def load_average() -> str:
+    """1-minute load average with the core count (where the OS reports it)."""
+    try:
+        return f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return "unknown"
+
+
+def write_vs_dense_json(rows: Sequence[DenseRatio], path: str | Path, meta: dict | None = None) -> None:
+    """Rows and ``meta`` as JSON, written atomically."""
+    payload = {"meta": {"torch": torch.__version__, **(meta or {})}, "rows": [asdict(r) for r in rows]}
+    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
+
+
+def read_vs_dense_json(path: str | Path) -> tuple[dict, list[DenseRatio]]:
+    """(meta, rows) of a file written by :func:`write_vs_dense_json`; ValueError naming the file otherwise."""
+    try:
+        data = json.loads(Path(path).read_text())
+        return data["meta"], [DenseRatio(**r) for r in data["rows"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"vs-dense: {path} is not a vs-dense JSON file ({type(err).__name__}: {err})"
+        ) from err
