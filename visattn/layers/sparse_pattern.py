@@ -79,6 +79,7 @@ exists for tests only (compare against dense softmax attention, check receptive 
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -95,12 +96,15 @@ __all__ = [
     "Pattern",
     "PatternAttention",
     "block_segment",
+    "backend",
     "ceil_div",
+    "choose_backend",
     "column_segment",
     "crop_to_map",
     "dense_mask",
     "first_occurrence",
     "flat_meshgrid",
+    "get_backend",
     "pad_to_grid",
     "row_segment",
     "segment_coords",
@@ -459,6 +463,103 @@ def _expand_bias(bias: torch.Tensor, batch: int, heads: int) -> torch.Tensor:
     )
 
 
+# --------------------------------------------------------------------------------------- backends
+
+BACKENDS = ("auto", "reference", "flex")
+_ENV = "VISATTN_SPARSE_BACKEND"
+# The process-wide setting; the environment variable gives its initial value (checked on first use).
+_backend_setting = os.environ.get(_ENV, "auto")
+
+
+def _check_backend(name, where: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(
+            f"{where}: unknown sparse-attention backend {name!r}; choose one of {', '.join(BACKENDS)}"
+        )
+    return name
+
+
+def get_backend() -> str:
+    """The sparse-pattern engine's backend setting: ``"auto"``, ``"reference"`` or ``"flex"``."""
+    return _check_backend(_backend_setting, f"visattn.layers.sparse_pattern (environment variable {_ENV})")
+
+
+class backend:
+    """Set the sparse-pattern engine's backend (``"auto"``, ``"reference"`` or ``"flex"``).
+
+    ``backend("flex")`` sets it for the process; ``with backend("reference"): ...`` sets it for a block of
+    code and restores the previous setting on exit. ``VISATTN_SPARSE_BACKEND`` gives the initial value.
+    ``"auto"``: FlexAttention on CUDA where it can run fused, the reference path everywhere else;
+    ``"reference"``: always the gathered-tile path; ``"flex"``: FlexAttention wherever it can run (on CPU
+    an unfused inference-only reference: see :func:`choose_backend`). The setting is process-wide, not
+    per thread.
+    """
+
+    def __init__(self, name: str) -> None:
+        global _backend_setting
+        _check_backend(name, "visattn.layers.sparse_pattern.backend")
+        self.previous, self.name = _backend_setting, name
+        _backend_setting = name
+
+    def __enter__(self) -> backend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        global _backend_setting
+        _backend_setting = self.previous
+
+
+def _flex_runs_fused(compiled: bool) -> bool:
+    """FlexAttention importable, and either inside torch.compile or with Triton to compile it ourselves."""
+    from .flex_backend import flex_available
+
+    if not flex_available():
+        return False
+    if compiled:
+        return True
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()
+
+
+def choose_backend(device, requires_grad: bool, compiled: bool, *, exporting: bool = False) -> str:
+    """The one place that picks the engine's backend: ``"flex"`` or ``"reference"``.
+
+    Args:
+        device: device of the queries.
+        requires_grad: the call records a graph for backward.
+        compiled: the call is traced by ``torch.compile``.
+        exporting: the call is traced by ``torch.export`` (always the reference path: the exported graph
+            must stay portable, e.g. to ONNX).
+    Rules (setting from :class:`backend`): ``"reference"`` -> reference. ``"auto"`` -> flex only on CUDA
+    when FlexAttention runs fused there (inside ``torch.compile``, or Triton available to compile it);
+    CPU, training or not, stays on the reference path. ``"flex"`` -> flex, except that FlexAttention has no
+    backward on CPU: a CPU call that needs gradients raises ValueError instead of silently training on
+    another path.
+    """
+    setting = get_backend()
+    if exporting or setting == "reference":
+        return "reference"
+    device = torch.device(device)
+    if setting == "auto":
+        return "flex" if device.type == "cuda" and _flex_runs_fused(compiled) else "reference"
+    from .flex_backend import flex_available
+
+    if not flex_available():
+        raise ValueError(
+            "sparse_attention: backend 'flex' needs torch.nn.attention.flex_attention, which this torch "
+            f"({torch.__version__}) lacks; use backend('auto') or backend('reference')"
+        )
+    if device.type == "cpu" and requires_grad:
+        raise ValueError(
+            "sparse_attention: backend 'flex' has no backward on CPU (FlexAttention runs CPU inference "
+            "only); train on CPU with backend('auto') or backend('reference'), or run under torch.no_grad()"
+        )
+    return "flex"
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -481,6 +582,9 @@ def sparse_attention(
             relative-position bias looked up with :func:`segment_coords`), or None.
     Returns:
         (B, N, C). Queries covered by no segment or without any valid key get 0.
+
+    The computation runs on the backend :func:`choose_backend` picks (the gathered-tile reference path
+    below, or FlexAttention, :mod:`visattn.layers.flex_backend`); both give the same result.
     """
     batch, n, _ = q.shape
     if n != pattern.grid.n or k.shape[1] != n + pattern.extra:
@@ -488,6 +592,19 @@ def sparse_attention(
             f"sparse_attention: expected {pattern.grid.n} queries and {pattern.grid.n + pattern.extra} keys, "
             f"got {n} and {k.shape[1]}"
         )
+    needs_grad = torch.is_grad_enabled() and (
+        q.requires_grad
+        or k.requires_grad
+        or v.requires_grad
+        or (bias is not None and any(b is not None and b.requires_grad for b in bias))
+    )
+    which = choose_backend(
+        q.device, needs_grad, torch.compiler.is_compiling(), exporting=torch.compiler.is_exporting()
+    )
+    if which == "flex":
+        from .flex_backend import flex_sparse_attention
+
+        return flex_sparse_attention(q, k, v, pattern, heads, scale=scale, bias=bias)
     qt, kt, vt = (rearrange(t, "b n (h d) -> n (b h) d", h=heads) for t in (q, k, v))
     d = qt.shape[-1]
     scale = d**-0.5 if scale is None else scale
