@@ -72,6 +72,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     if not names:
         raise ValueError(f"no block matches --filter {args.filter!r}; see `visattn list`")
     _check_blocks(names)
+    if args.vs_dense and args.peers:
+        raise ValueError("--vs-dense and --peers are separate runs: drop one of them (run the other after)")
     if args.plot:
         import importlib.util
 
@@ -84,6 +86,32 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         # --sizes, --batch, --channels and --min-run-time were checked by their argparse types.
         sizes, batch, channels, min_run = args.sizes, args.batch, args.channels, args.min_run_time
     dtypes = [getattr(torch, d) for d in args.dtype]
+    if args.vs_dense:
+        from .bench import vs_dense
+
+        vs_rows = vs_dense.sweep_vs_dense(
+            names,
+            sizes,
+            batch=batch,
+            channels=channels,
+            dtypes=dtypes,
+            device=args.device,
+            rounds=args.rounds,
+            min_time=min_run,
+            progress=not args.no_progress,
+        )
+        print("versus dense multi-head SDPA (same B, C, heads, dtype, size; ratio block/dense, < 1 wins):")
+        print(vs_dense.format_vs_dense(vs_rows))
+        if args.csv:
+            vs_dense.write_vs_dense_csv(vs_rows, args.csv)
+        if args.json:
+            meta = {"machine": vs_dense.machine_description(args.device), "load": vs_dense.load_average()}
+            vs_dense.write_vs_dense_json(vs_rows, args.json, meta=meta)
+        if args.plot:
+            from .bench.plots import plot_vs_dense
+
+            print(f"wrote {plot_vs_dense(vs_rows, args.plot)}")
+        return 0 if all(r.status == "ok" for r in vs_rows) else 1
     rows = runner.run_sweep(
         names,
         sizes,
@@ -233,6 +261,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quick", action="store_true", help="B=1, C=64, 16x16 and 32x32, short timings")
     p.add_argument("--peers", action="store_true", help="also time installed public implementations")
+    p.add_argument(
+        "--vs-dense",
+        action="store_true",
+        help="time and saved memory of each block over dense multi-head SDPA (same B, C, heads, dtype, size), "
+        "and the crossover side over the square --sizes",
+    )
+    p.add_argument(
+        "--rounds", type=positive_int, default=3, help="--vs-dense: interleaved rounds (median ratio)"
+    )
     p.add_argument("--csv", type=writable_file, help="write the rows as CSV")
     p.add_argument("--json", type=writable_file, help="write the rows as JSON")
     p.add_argument("--plot", type=writable_dir, metavar="DIR", help="write log-log scaling PNGs into DIR")

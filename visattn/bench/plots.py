@@ -58,3 +58,49 @@ def plot_scaling(rows: list[BenchRow], out_dir: str | Path, *, title: str = "") 
         plt.close(fig)
         written.append(path)
     return written
+
+
+def plot_vs_dense(rows, out_dir: str | Path, *, title: str = "", mode: str = "eager") -> Path:
+    """Time ratio over dense (log scale) against the square side, one line per block, 1.0 marked;
+    written to ``out_dir/vs_dense.png``. ``rows`` are :class:`visattn.bench.vs_dense.DenseRatio`."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise RuntimeError("plots need matplotlib: pip install 'visattn[bench]'") from err
+    from ..atomic import atomic_path
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in rows if r.status == "ok" and r.mode == mode and r.height == r.width]
+    keys = sorted({(r.name, r.dtype) for r in ok})
+    fig, ax = plt.subplots(figsize=(9, 6.5))
+    cmap = plt.get_cmap("tab20")
+    for i, key in enumerate(keys):
+        rs = sorted((r for r in ok if (r.name, r.dtype) == key), key=lambda r: r.height)
+        name = key[0] if len({k[1] for k in keys}) == 1 else f"{key[0]} ({key[1]})"
+        ax.plot(
+            [r.height for r in rs],
+            [r.time_ratio for r in rs],
+            marker="o",
+            ms=3,
+            lw=1,
+            color=cmap(i % 20),
+            ls=("-", "--", ":")[(i // 20) % 3],
+            label=name,
+        )
+    ax.axhline(1.0, color="black", lw=1.5)
+    ax.set_yscale("log")
+    ax.set_xlabel("square side S (map S x S)")
+    ax.set_ylabel("forward+backward time / dense SDPA (same run)")
+    ax.set_title(title or "versus dense multi-head SDPA (< 1: faster than dense)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=3, loc="upper right")
+    fig.tight_layout()
+    path = out_dir / "vs_dense.png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    return path

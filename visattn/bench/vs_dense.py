@@ -15,6 +15,8 @@ from which on the block is faster than dense at every larger side of the grid.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -49,6 +51,7 @@ __all__ = [
     "replace_section",
     "machine_description",
     "write_vs_dense_json",
+    "write_vs_dense_csv",
     "read_vs_dense_json",
 ]
 
@@ -445,6 +448,15 @@ def write_vs_dense_json(rows: Sequence[DenseRatio], path: str | Path, meta: dict
     """Rows and ``meta`` as JSON, written atomically."""
     payload = {"meta": {"torch": torch.__version__, **(meta or {})}, "rows": [asdict(r) for r in rows]}
     atomic_write_text(path, json.dumps(payload, indent=1, default=str))
+
+
+def write_vs_dense_csv(rows: Sequence[DenseRatio], path: str | Path) -> None:
+    """Rows as CSV (one column per :class:`DenseRatio` field), written atomically."""
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(DenseRatio.__dataclass_fields__))
+    writer.writeheader()
+    writer.writerows(asdict(r) for r in rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def read_vs_dense_json(path: str | Path) -> tuple[dict, list[DenseRatio]]:
