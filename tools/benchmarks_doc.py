@@ -2,17 +2,132 @@
 
 visattn bench --sizes 16,32,64 --batch 1 --channels 64 --json cpu.json --plot docs/img
 python tools/benchmarks_doc.py cpu.json [--peers peers.json] > docs/benchmarks.md
+
+The "versus dense" section (every block over dense multi-head SDPA, CPU, B=1, C=64, fp32) is measured and
+written separately, replacing only that section of the page (atomically):
+
+python tools/benchmarks_doc.py vs-dense-measure docs/bench-vs-dense-cpu.json   # ~15 min on 2 shared cores
+python tools/benchmarks_doc.py vs-dense-doc docs/bench-vs-dense-cpu.json       # docs/benchmarks.md + plot
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
+from pathlib import Path
 
-from visattn.bench.runner import BenchRow, declared_exponent, fit_exponents
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from visattn.bench.runner import BenchRow, declared_exponent, fit_exponents  # noqa: E402
+
+# Why a block is at >= 1.0x dense at the largest side measured, where the cause is plain from the method
+# (shown in the table's last column). Filled from the measured table; a block without an entry shows none.
+REASONS: dict[str, str] = {}
+
+
+def vs_dense_measure(argv: list[str]) -> None:
+    """Measure every block against dense SDPA on this CPU, saving the JSON after every row."""
+    import torch
+
+    import visattn
+    from visattn.bench import vs_dense
+
+    parser = argparse.ArgumentParser(prog="benchmarks_doc.py vs-dense-measure")
+    parser.add_argument("out", type=Path)
+    # Largest first: a run cut short still has the size the goals are stated at.
+    parser.add_argument("--sizes", type=int, nargs="+", default=[96, 64, 32])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-time", type=float, default=0.05, help="seconds of calls per timing")
+    parser.add_argument("--max-call-s", type=float, default=3.0, help="skip a row whose one call is slower")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--names", nargs="*", help="blocks (default: all)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = args.names or visattn.list_attns()
+    start = time.time()
+    meta = {
+        "machine": vs_dense.machine_description("cpu"),
+        "load_before": vs_dense.load_average(),
+        "batch": 1,
+        "channels": 64,
+        "dtype": "float32",
+        "rounds": args.rounds,
+        "max_call_s": args.max_call_s,
+        "started": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    rows = []
+
+    def save(row) -> None:
+        rows.append(row)
+        meta.update(load_after=vs_dense.load_average(), minutes=round((time.time() - start) / 60, 1))
+        vs_dense.write_vs_dense_json(rows, args.out, meta=meta)
+
+    vs_dense.sweep_vs_dense(
+        names,
+        [(s, s) for s in args.sizes],
+        batch=1,
+        channels=64,
+        rounds=args.rounds,
+        min_time=args.min_time,
+        max_call_s=args.max_call_s,
+        on_row=save,
+        progress=False,
+    )
+
+
+def vs_dense_doc(argv: list[str]) -> None:
+    """Replace the "versus dense" section of the page (and write the plot) from a measured JSON."""
+    from visattn.atomic import atomic_write_text
+    from visattn.bench import vs_dense
+    from visattn.bench.plots import plot_vs_dense
+
+    parser = argparse.ArgumentParser(prog="benchmarks_doc.py vs-dense-doc")
+    parser.add_argument("json", type=Path)
+    parser.add_argument("--page", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--img", type=Path, default=ROOT / "docs" / "img")
+    args = parser.parse_args(argv)
+    meta, rows = vs_dense.read_vs_dense_json(args.json)
+    sides = sorted({r.height for r in rows})
+    plot_vs_dense(rows, args.img, title=f"CPU, B=1, C=64, fp32: time / dense SDPA ({meta['machine'][:60]})")
+    ok = [r for r in rows if r.status == "ok" and r.height == sides[-1]]
+    above = sorted(r.name for r in ok if r.time_ratio >= 1.0)
+    skipped = sorted({r.name for r in rows if r.status != "ok"})
+    body = [
+        "## Versus dense attention (CPU)",
+        "",
+        "Every block against dense multi-head SDPA (`visattn.bench.DenseAttention`: linear q/k/v, "
+        "`scaled_dot_product_attention` over all H·W tokens, output projection, residual) with the block's own head",
+        f"count, B=1, C=64, float32, forward+backward in training mode, square maps {', '.join(map(str, sides))}.",
+        f"Machine: {meta['machine']}; load average {meta['load_before']} before and {meta.get('load_after', '?')}",
+        f"after ({meta.get('minutes', '?')} min, started {meta['started']}): a shared machine, so each ratio is the",
+        f"median over {meta['rounds']} round(s) of block / dense timed back to back (alternating which goes first);",
+        "absolute times are not quoted. Memory is the saved-activation ratio (deterministic). Crossover: the smallest",
+        "side of the grid from which the block beats dense at every larger side (`none`: not even at the largest).",
+        f"A row whose single call took more than {meta['max_call_s']:g} s is `skipped` (the measurement would take",
+        "minutes). Bold: at or above 1.0x dense. Rerun: the commands at the top of `tools/benchmarks_doc.py`,",
+        "or `visattn bench --vs-dense` for a few blocks.",
+        "",
+        "![versus dense](img/vs_dense.png)",
+        "",
+        vs_dense.markdown_vs_dense(rows, reasons=REASONS),
+        "",
+        f"At {sides[-1]}x{sides[-1]}: {len(ok) - len(above)} of {len(ok)} measured blocks are faster than dense;"
+        f" at or above 1.0x: {', '.join(f'`{n}`' for n in above) or 'none'}"
+        + (f"; skipped or failed: {', '.join(f'`{n}`' for n in skipped)}." if skipped else "."),
+    ]
+    page = args.page.read_text()
+    atomic_write_text(args.page, vs_dense.replace_section(page, "\n".join(body)))
+    print(f"wrote {args.page} and {args.img / 'vs_dense.png'}")
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["vs-dense-measure"]:
+        return vs_dense_measure(sys.argv[2:])
+    if sys.argv[1:2] == ["vs-dense-doc"]:
+        return vs_dense_doc(sys.argv[2:])
     parser = argparse.ArgumentParser()
     parser.add_argument("sweep")
     parser.add_argument("--peers")
