@@ -1,6 +1,8 @@
 """The measuring code measures what it claims (known matmul FLOPs, known saved bytes, known power law)."""
 
+import json
 import math
+import sys
 
 import pytest
 import torch
@@ -96,3 +98,230 @@ def test_peer_comparison_reports_ratio_and_missing_peers(monkeypatch):
     ((_, peer, label),) = peers.compare(["cbam"], batch=1, channels=16, size=(8, 8), min_run_time=0.01)
     assert peer is None and "not installed" in label
     assert "not installed" in peers.format_ratios([(ours, None, label)])
+
+
+# --- versus dense (issue 16): structure and arithmetic, never timing values -------------------------------
+
+
+def _load_tool(name):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_tool_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ratio_row(name, side, ratio, status="ok", mode="eager"):
+    from visattn.bench.vs_dense import DenseRatio
+
+    return DenseRatio(
+        name, 1, 16, side, side, "float32", "cpu", mode, 1, 3, 2.0 * ratio, 2.0, ratio, 1.0, 4.0, 0.25, status
+    )
+
+
+def test_interleaved_ratio_is_median_of_per_round_ratios_and_alternates_order():
+    from visattn.bench.vs_dense import interleaved_ratio
+
+    calls, block, dense = [], iter([2.0, 4.0, 6.0]), iter([1.0, 1.0, 2.0])
+
+    def tb():
+        calls.append("b")
+        return next(block)
+
+    def td():
+        calls.append("d")
+        return next(dense)
+
+    # per-round ratios 2, 4, 3 -> median 3; the ratio of medians would be 4 / 1 = 4
+    assert interleaved_ratio(tb, td, 3) == (4.0, 1.0, 3.0)
+    assert calls == ["b", "d", "d", "b", "b", "d"]
+    with pytest.raises(ValueError, match="rounds"):
+        interleaved_ratio(tb, td, 0)
+
+
+def test_find_crossover_on_a_fake_timing_function():
+    from visattn.bench.vs_dense import find_crossover
+
+    asked = []
+
+    def ratio(side):  # a block that wins from 48 on: ratio falls as 48 / side
+        asked.append(side)
+        return 48 / side + 0.01 if side < 48 else 48 / side - 0.01
+
+    assert find_crossover(ratio, [96, 32, 64, 48, 16]) == 48
+    assert asked == [96, 64, 48, 32]  # from the largest down, stopping at the first loss
+    assert find_crossover(lambda s: 1.0, [16, 32]) is None  # equal to dense is not faster
+    assert find_crossover(lambda s: 0.5, [16, 32]) == 16
+    # faster at small and large sides but not in between: the crossover is where it stays faster
+    assert find_crossover({16: 0.9, 32: 1.2, 64: 0.8}.__getitem__, [16, 32, 64]) == 64
+    assert find_crossover({16: 0.5, 32: math.nan}.__getitem__, [16, 32]) is None
+    with pytest.raises(ValueError, match="grid"):
+        find_crossover(lambda s: 0.5, [])
+
+
+def test_crossovers_per_block_and_failed_rows_count_as_losing():
+    from visattn.bench.vs_dense import crossovers
+
+    rows = [_ratio_row("a", s, r) for s, r in ((16, 1.5), (32, 0.9), (64, 0.4))]
+    rows += [_ratio_row("b", 16, 0.5), _ratio_row("b", 32, math.nan, status="error: OOM")]
+    rows += [_ratio_row("a", 16, 0.1, mode="compiled")]
+    assert crossovers(rows) == {
+        ("a", "float32", "eager"): 32,
+        ("b", "float32", "eager"): None,
+        ("a", "float32", "compiled"): 16,
+    }
+
+
+def test_dense_reference_is_multihead_sdpa_over_all_tokens():
+    from visattn.bench.vs_dense import DenseAttention, block_heads
+
+    torch.manual_seed(0)
+    dense = DenseAttention(16, heads=4)
+    x = torch.randn(2, 16, 3, 5)
+    t = x.flatten(2).transpose(1, 2)  # (B, N, C) raster order
+    a = dense.attn
+    k, v = a.kv(t).chunk(2, dim=-1)
+    q = a.q(t)
+    split = lambda z: z.reshape(2, 15, 4, 4).transpose(1, 2)  # noqa: E731
+    p = torch.softmax(split(q) @ split(k).transpose(-1, -2) / 2.0, dim=-1)
+    ref = a.proj((p @ split(v)).transpose(1, 2).reshape(2, 15, 16))
+    expected = x + ref.transpose(1, 2).reshape(2, 16, 3, 5)
+    torch.testing.assert_close(dense(x), expected, rtol=1e-5, atol=1e-5)
+    assert block_heads(torch.nn.Module(), 64) == 2  # no heads attribute: the library default (C // 32)
+    m = torch.nn.Module()
+    m.heads = 8
+    assert block_heads(m, 64) == 8
+    with pytest.raises(ValueError, match="dense: heads"):
+        DenseAttention(16, heads=3)
+
+
+def test_measure_vs_dense_row_with_fake_timer_and_skip():
+    from visattn.bench.vs_dense import measure_vs_dense
+
+    seen = []
+
+    def fake(fn):
+        seen.append(fn)
+        return 6.0 if fn is seen[0] else 2.0
+
+    row = measure_vs_dense("isab", channels=16, size=(4, 6), rounds=3, timer=fake)
+    assert (row.name, row.height, row.width, row.heads, row.mode, row.status) == (
+        "isab",
+        4,
+        6,
+        4,
+        "eager",
+        "ok",
+    )
+    assert (row.block_ms, row.dense_ms, row.time_ratio) == (6.0, 2.0, 3.0)
+    assert len(seen) == 6 and row.block_saved_mib > 0 and row.dense_saved_mib > 0
+    assert row.memory_ratio == pytest.approx(row.block_saved_mib / row.dense_saved_mib)
+    skipped = measure_vs_dense("cbam", channels=16, size=(4, 4), max_call_s=0.0, timer=fake)
+    assert skipped.status.startswith("skipped: one block forward+backward took") and math.isnan(
+        skipped.time_ratio
+    )
+
+
+def test_markdown_and_section_replacement_keep_the_rest_of_the_page():
+    from visattn.bench.vs_dense import BEGIN, END, markdown_vs_dense, replace_section
+
+    rows = [_ratio_row("cbam", 16, 1.25), _ratio_row("cbam", 32, 0.5), _ratio_row("nonlocal", 16, 0.5)]
+    rows.append(_ratio_row("nonlocal", 32, 1.5))
+    table = markdown_vs_dense(rows, reasons={"nonlocal": "O(N^2) too", "cbam": "never shown: it wins"})
+    lines = table.splitlines()
+    assert lines[0].startswith("| block | FLOP exp. | heads | time x at 16x16 | time x at 32x32 |")
+    assert lines[2] == "| `cbam` | 1 | 1 | **1.25** | 0.50 | 0.25 | 32 |  |"
+    assert lines[3] == "| `nonlocal` | 2 | 1 | 0.50 | **1.50** | 0.25 | none | O(N^2) too |"
+    page = "# Title\n\nhand-written text\n"
+    once = replace_section(page, "## A\nfirst")
+    assert once.startswith(page.rstrip()) and f"{BEGIN}\n## A\nfirst\n{END}" in once
+    twice = replace_section(once + "\ntrailing text\n", "## A\nsecond")
+    assert "first" not in twice and "second" in twice and twice.endswith("trailing text\n")
+    assert twice.count(BEGIN) == 1
+    with pytest.raises(ValueError, match="broken generated section"):
+        replace_section(page + BEGIN + "\n", "x")
+
+
+def test_bench_cli_vs_dense_writes_json_and_refuses_peers(tmp_path, capsys):
+    from visattn.bench.vs_dense import read_vs_dense_json
+
+    argv = ["bench", "gcnet", "--sizes", "4,8", "--batch", "1", "--channels", "16", "--min-run-time", "0.001"]
+    code = cli.main(
+        argv + ["--vs-dense", "--rounds", "1", "--json", str(tmp_path / "v.json"), "--no-progress"]
+    )
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "versus dense" in out and "crossover" in out and "gcnet" in out
+    meta, rows = read_vs_dense_json(tmp_path / "v.json")
+    assert "cores" in meta["machine"] and [(r.name, r.height, r.status) for r in rows] == [
+        ("gcnet", 4, "ok"),
+        ("gcnet", 8, "ok"),
+    ]
+    assert cli.main(argv + ["--vs-dense", "--peers"]) == 2
+    assert "--vs-dense and --peers are separate runs" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="not a vs-dense JSON"):
+        read_vs_dense_json(tmp_path / "missing.json")
+
+
+def test_gpu_sweep_smoke_on_cpu_and_docs_section(tmp_path):
+    sweep = _load_tool("gpu_sweep")
+    assert sweep.main([str(tmp_path / "run"), "--smoke"]) == 0
+    results = json.loads((tmp_path / "run" / "sweep.json").read_text())
+    meta = results["meta"]
+    assert meta["smoke"] is True and "cores" in meta["device"] and meta["stopped"] is None
+    got = {(r["name"], r["dtype"], r["mode"], r["height"]) for r in results["vs_dense"]}
+    want = {
+        (n, dt, mode, side)
+        for n in ("cbam", "gcnet")
+        for dt, mode, side in (
+            ("float32", "eager", 16),
+            ("float32", "eager", 8),
+            ("bfloat16", "eager", 8),
+            ("float32", "compiled", 8),
+        )
+    }
+    assert got == want and all(r["status"] == "ok" for r in results["vs_dense"])
+    assert [p["name"] for p in results["peers"]] == ["cbam", "gcnet"] and results["agreement"] == []
+    page = tmp_path / "gpu.md"
+    page.write_text("# GPU benchmarks\n\nearlier figures stay\n")
+    assert sweep.main(["--docs", "--page", str(page)]) == 0
+    assert "**Not measured yet.**" in page.read_text()
+    assert sweep.main(["--docs", str(tmp_path / "run"), "--page", str(page)]) == 0
+    text = page.read_text()
+    assert text.startswith("# GPU benchmarks\n\nearlier figures stay\n") and "Not measured yet" not in text
+    assert "SMOKE RUN on CPU" in text and "### float32, compiled" in text and "### Peers" in text
+
+
+def test_benchmarks_doc_vs_dense_section_from_json(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from visattn.bench.vs_dense import write_vs_dense_json
+
+    doc = _load_tool("benchmarks_doc")
+    rows = [_ratio_row("cbam", 32, 0.5), _ratio_row("cbam", 64, 0.25), _ratio_row("danet", 64, 2.0)]
+    meta = {"machine": "test cpu", "load_before": "1.0", "load_after": "2.0", "rounds": 3, "max_call_s": 2.5}
+    write_vs_dense_json(rows, tmp_path / "v.json", meta={**meta, "started": "now", "minutes": 1})
+    page = tmp_path / "b.md"
+    page.write_text("# Benchmarks\n\nkept\n")
+    monkeypatch.setitem(doc.REASONS, "danet", "dense position and channel attention, O(N^2)")
+    argv = [
+        "x",
+        "vs-dense-doc",
+        str(tmp_path / "v.json"),
+        "--page",
+        str(page),
+        "--img",
+        str(tmp_path / "img"),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    doc.main()
+    text = page.read_text()
+    assert text.startswith("# Benchmarks\n\nkept\n") and "test cpu" in text
+    assert (
+        "| `danet` | 2 | 1 | - | **2.00** | 0.25 | none | dense position and channel attention, O(N^2) |"
+        in text
+    )
+    assert "1 of 2 measured blocks are faster than dense; at or above 1.0x: `danet`." in text
+    assert (tmp_path / "img" / "vs_dense.png").read_bytes()[:4] == b"\x89PNG"
