@@ -285,6 +285,12 @@ def test_gpu_sweep_smoke_on_cpu_and_docs_section(tmp_path):
     }
     assert got == want and all(r["status"] == "ok" for r in results["vs_dense"])
     assert [p["name"] for p in results["peers"]] == ["cbam", "gcnet"] and results["agreement"] == []
+    # a later session adds its stages' rows to the same file
+    more = ["--smoke", "--names", "gcnet", "--stages", "eager:float32:4"]
+    assert sweep.main([str(tmp_path / "run"), *more]) == 0
+    again = json.loads((tmp_path / "run" / "sweep.json").read_text())
+    assert len(again["vs_dense"]) == len(results["vs_dense"]) + 1 and len(again["meta"]["continued"]) == 1
+    assert again["vs_dense"][-1]["height"] == 4
     page = tmp_path / "gpu.md"
     page.write_text("# GPU benchmarks\n\nearlier figures stay\n")
     assert sweep.main(["--docs", "--page", str(page)]) == 0
@@ -293,6 +299,7 @@ def test_gpu_sweep_smoke_on_cpu_and_docs_section(tmp_path):
     text = page.read_text()
     assert text.startswith("# GPU benchmarks\n\nearlier figures stay\n") and "Not measured yet" not in text
     assert "SMOKE RUN on CPU" in text and "### float32, compiled" in text and "### Peers" in text
+    assert "Continued in session(s) started" in text
 
 
 def test_benchmarks_doc_vs_dense_section_from_json(tmp_path, monkeypatch):

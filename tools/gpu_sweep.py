@@ -90,13 +90,36 @@ def agreement(name: str) -> float:
     return float((out - ref).abs().max())
 
 
-def run(out_dir: Path, budget: float, smoke: bool, names: list[str] | None = None) -> dict:
+def parse_stage(text: str) -> tuple[str, str, int]:
+    """``"compiled:bfloat16:128"`` -> ("compiled", "bfloat16", 128); argparse error naming the entry."""
+    kind, _, rest = text.partition(":")
+    dt, _, side = rest.partition(":")
+    if kind not in ("eager", "compiled", "peers", "agreement") or dt not in ("float32", "bfloat16"):
+        raise argparse.ArgumentTypeError(
+            f"stage must be KIND:DTYPE:SIDE with KIND eager|compiled|peers|agreement and DTYPE float32|bfloat16, "
+            f"e.g. compiled:bfloat16:128; got {text!r}"
+        )
+    try:
+        return kind, dt, int(side or 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"stage side must be an integer, got {text!r}") from None
+
+
+def run(
+    out_dir: Path,
+    budget: float,
+    smoke: bool,
+    names: list[str] | None = None,
+    stages: list[tuple[str, str, int]] | None = None,
+) -> dict:
     """Run the stages in order until ``budget`` seconds are spent; returns the saved results."""
     import visattn
     from visattn.bench import peers
     from visattn.bench.runner import matmul_flops_per_s
 
     cfg = plan(smoke)
+    if stages:
+        cfg["stages"] = stages
     names = names or cfg["names"] or visattn.list_attns()
     dev = torch.device(cfg["device"])
     start = time.time()
@@ -121,6 +144,18 @@ def run(out_dir: Path, budget: float, smoke: bool, names: list[str] | None = Non
         "agreement": [],
     }
     out = out_dir / "sweep.json"
+    if out.exists():
+        # A later session (e.g. --stages compiled:...) adds its rows to the same file, on the same device kind.
+        earlier = json.loads(out.read_text())
+        if earlier["meta"]["device"] != results["meta"]["device"]:
+            raise ValueError(
+                f"gpu_sweep: {out} holds rows from {earlier['meta']['device']!r}, not this "
+                f"{results['meta']['device']!r}: pass another OUT_DIR"
+            )
+        continued = earlier["meta"].setdefault("continued", [])
+        continued.append(results["meta"]["started"])
+        earlier["meta"]["stopped"] = None
+        results = earlier
 
     def save() -> None:
         results["meta"]["seconds"] = round(time.time() - start, 1)
@@ -219,7 +254,12 @@ def docs_section(out_dir: Path | None) -> str:
         f"B={meta['batch']}, C={meta['channels']}, forward+backward in training mode. Ratio = block / dense"
         f" multi-head SDPA with the block's head count, median over {meta['rounds']} interleaved round(s); memory"
         " = saved-activation ratio. Crossover: smallest side from which the block beats dense at every larger side."
-        + (f" Stopped early: {meta['stopped']}." if meta.get("stopped") else ""),
+        + (f" Stopped early: {meta['stopped']}." if meta.get("stopped") else "")
+        + (
+            f" Continued in session(s) started {', '.join(meta['continued'])}."
+            if meta.get("continued")
+            else ""
+        ),
     ]
     for mode in ("eager", "compiled"):
         for dt in ("bfloat16", "float32"):
@@ -288,6 +328,13 @@ def main(argv: list[str] | None = None) -> int:
         "--smoke", action="store_true", help="CPU, two blocks, tiny sizes (CI plumbing check)"
     )
     parser.add_argument("--names", nargs="+", help="blocks (default: all; --smoke: cbam gcnet)")
+    parser.add_argument(
+        "--stages",
+        type=parse_stage,
+        nargs="+",
+        help="run only these KIND:DTYPE:SIDE stages, in this order (e.g. a second session for compiled rows: "
+        "compiled:bfloat16:128)",
+    )
     parser.add_argument("--docs", action="store_true", help="write the page's vs-dense section from OUT_DIR")
     parser.add_argument("--page", type=Path, default=PAGE)
     args = parser.parse_args(argv)
@@ -300,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke and not torch.cuda.is_available():
         parser.error("no CUDA device: this sweep is for the GPU machine (use --smoke to check it on CPU)")
     torch.backends.cuda.matmul.allow_tf32 = False
-    results = run(args.out_dir, args.budget, args.smoke, args.names)
+    results = run(args.out_dir, args.budget, args.smoke, args.names, args.stages)
     print(f"wrote {args.out_dir / 'sweep.json'} ({len(results['vs_dense'])} vs-dense rows)")
     return 0
 
