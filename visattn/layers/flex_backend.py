@@ -29,6 +29,9 @@ FlexAttention runs fused (Triton) only compiled on CUDA: on CUDA this module cal
 ``flex_attention`` (or the plain one inside a caller's compiled region). On CPU it runs the uncompiled
 forward, a slow unfused reference that materialises the scores, and has no backward at all, which is why
 the backend choice (:func:`visattn.layers.sparse_pattern.choose_backend`) keeps CPU on the reference path.
+Inside a caller's ``torch.compile`` the plan lookup is a graph break (it runs eagerly, once per pattern);
+on CPU with inductor, torch 2.14's CPU flex template fails to lower these block masks (a LoweringException),
+so compiled CPU inference with ``backend("flex")`` works with dynamo's ``eager`` backend only.
 """
 
 from __future__ import annotations
