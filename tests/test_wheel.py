@@ -244,3 +244,16 @@ def test_installed_wheel_trains_the_demo_predicts_and_shares(installed):
         "with torch.no_grad(): assert torch.equal(m(x), m2(x))\n",
     )
     assert "mIoU" in (installed["root"] / "shared" / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_installed_wheel_visualises_a_block_on_a_photo(installed):
+    """Issue 20's acceptance command from the installed package (viz extra: scikit-image's bundled photo)."""
+    pytest.importorskip("skimage")
+    out_png = installed["root"] / "ccnet.png"
+    _run(
+        ["visattn", "viz", "ccnet", "--image", "astronaut", "--query", "100,80", "-o", str(out_png)],
+        cwd=installed["cwd"],
+        env=installed["env"],
+    )
+    _py(installed, f"from PIL import Image\nassert Image.open({str(out_png)!r}).size[0] > 100\n")
