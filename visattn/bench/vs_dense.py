@@ -105,6 +105,7 @@ class DenseRatio:
     dense_saved_mib: float
     memory_ratio: float
     status: str = "ok"
+    first_call_s: float = math.nan  # one forward+backward of the block before timing (sizes the work)
 
 
 def interleaved_ratio(
@@ -165,19 +166,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _make_timer(device: torch.device, min_time: float) -> Callable[[Callable[[], object]], float]:
-    """A timer in ms: torch.utils.benchmark's ``timeit`` with as many calls as fill ``min_time``."""
-
-    def timer(fn: Callable[[], object]) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        once = time.perf_counter() - start
-        number = max(1, int(min_time / max(once, 1e-6)))
-        return benchmark.Timer(stmt="fn()", globals={"fn": fn}).timeit(number).median * 1e3
-
-    return timer
+def _benchmark_ms(fn: Callable[[], object], number: int) -> float:
+    """Mean ms per call of ``number`` calls of ``fn`` (torch.utils.benchmark's ``timeit``)."""
+    return benchmark.Timer(stmt="fn()", globals={"fn": fn}).timeit(number).median * 1e3
 
 
 def measure_vs_dense(
@@ -231,17 +222,30 @@ def measure_vs_dense(
         "compiled" if compile else "eager", heads, rounds, math.nan, math.nan, math.nan,
         saved_block, saved_dense, saved_block / saved_dense if saved_dense else math.nan,
     )  # fmt: skip
-    # First calls compile (when asked) and warm the allocator; they also size the work.
+    # First calls compile (when asked) and warm the allocator; the second one's time sets how many
+    # calls fill ``min_time`` in each round (a compiling first call would say nothing about that).
+    numbers = {}
     for label, fn in (("block", fb_block), ("dense", fb_dense)):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        took = time.perf_counter() - start
-        if max_call_s is not None and took > max_call_s and not compile:
+        for _ in range(2 if compile else 1):
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            took = time.perf_counter() - start
+        if label == "block":
+            row.first_call_s = took
+        if max_call_s is not None and took > max_call_s:
             row.status = f"skipped: one {label} forward+backward took {took:.1f} s > {max_call_s:g} s"
             return row
-    timer = timer or _make_timer(device, min_time)
+        numbers[label] = max(1, int(min_time / max(took, 1e-6)))
+    if timer is None:
+
+        def timer(fn: Callable[[], object]) -> float:
+            _sync(device)
+            ms = _benchmark_ms(fn, numbers["block" if fn is fb_block else "dense"])
+            _sync(device)
+            return ms
+
     row.block_ms, row.dense_ms, row.time_ratio = interleaved_ratio(
         lambda: timer(fb_block), lambda: timer(fb_dense), rounds
     )
@@ -267,7 +271,9 @@ def sweep_vs_dense(
     """:func:`measure_vs_dense` for every (dtype, size, block); a failing block becomes an error row.
 
     ``on_row`` is called after each row (the GPU sweep saves its results there, so a run cut short
-    keeps what it measured).
+    keeps what it measured). With ``max_call_s``, a block whose call at a smaller size, scaled as N²
+    (the worst declared growth), predicts more than ``max_call_s`` is skipped without being run: one
+    call of an O(N²) block at a large map can take minutes on a CPU.
     """
     names, sizes, dtypes = list(names), list(sizes), list(dtypes)
     dev = torch.device(device)
@@ -276,6 +282,23 @@ def sweep_vs_dense(
     bar = _progress(len(jobs), progress)
     for dt, size, name in jobs:
         bar.set_description(f"vs dense: {name} {size[0]}x{size[1]} {str(dt).replace('torch.', '')}")
+        tokens = size[0] * size[1]
+        known = [
+            (r.height * r.width, r.first_call_s) for r in rows if r.name == name and r.dtype == str(dt)[6:]
+        ]
+        known = [(n, t) for n, t in known if n < tokens and not math.isnan(t)]
+        predicted = max((t * (tokens / n) ** 2 for n, t in known), default=0.0)
+        if max_call_s is not None and not compile and predicted > max_call_s:
+            row = DenseRatio(
+                name, batch, channels, size[0], size[1], str(dt).replace("torch.", ""), device, "eager", 0,
+                rounds, *[math.nan] * 6,
+                status=f"skipped: one block forward+backward predicted at {predicted:.0f} s > {max_call_s:g} s",
+            )  # fmt: skip
+            rows.append(row)
+            if on_row is not None:
+                on_row(row)
+            bar.update(1)
+            continue
         try:
             row = measure_vs_dense(
                 name, batch=batch, channels=channels, size=size, dtype=dt, device=device, rounds=rounds,
