@@ -199,7 +199,7 @@ def test_dense_reference_is_multihead_sdpa_over_all_tokens():
 
 
 def test_measure_vs_dense_row_with_fake_timer_and_skip():
-    from visattn.bench.vs_dense import measure_vs_dense
+    from visattn.bench.vs_dense import measure_vs_dense, sweep_vs_dense
 
     seen = []
 
@@ -223,6 +223,11 @@ def test_measure_vs_dense_row_with_fake_timer_and_skip():
     assert skipped.status.startswith("skipped: one block forward+backward took") and math.isnan(
         skipped.time_ratio
     )
+    # a larger size is predicted from the smaller one (scaled as N^2) and never run
+    small, large = sweep_vs_dense(["gcnet"], [(4, 4), (64, 64)], channels=16, max_call_s=1e-9, progress=False)
+    assert small.status.startswith("skipped: one block") and small.first_call_s > 0
+    assert large.status.startswith("skipped: one block forward+backward predicted at")
+    assert math.isnan(large.first_call_s)
 
 
 def test_markdown_and_section_replacement_keep_the_rest_of_the_page():
