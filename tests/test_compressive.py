@@ -181,3 +181,69 @@ def test_bad_arguments():
         block.step(feature_map(1, C, 2, 6), block.init_state(1, 5))
     with pytest.raises(ValueError, match="batch"):
         block.step(feature_map(1, C, 2, 6), block.init_state(2, 6))
+
+
+def _forward_and_grads(block, x, forward):
+    """Output, aux loss and the gradients of a fixed weighted sum (plus the aux loss) w.r.t. x and every
+    parameter (None where the parameter is not used)."""
+    x = x.clone().requires_grad_(True)
+    out = forward(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    loss = (out * weights).sum() + (3 * block.aux_loss if block.aux_loss is not None else 0)
+    grads = torch.autograd.grad(loss, [x, *block.parameters()], allow_unused=True)
+    return out, block.aux_loss, grads
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize(
+    "kwargs, size",
+    [
+        ({}, (11, 5)),
+        ({"band_rows": 3, "mem_rows": 1, "cmem_rows": 4}, (11, 5)),
+        ({"band_rows": 2, "mem_rows": 3, "cmem_rows": 2, "compression": 2}, (9, 7)),
+        ({"mem_rows": 0}, (7, 6)),
+        ({"cmem_rows": 0}, (5, 3)),
+        ({"band_rows": 4, "mem_rows": 5}, (13, 3)),
+        ({}, (3, 4)),
+        ({}, (1, 1)),
+    ],
+)
+def test_batched_forward_equals_the_band_loop(dtype, tol, causal, train, kwargs, size):
+    """The one-shot forward (all bands in one SDPA) against the band loop of step(): outputs, aux loss and
+    the gradients of input and parameters, at odd sizes, short last bands and maps shorter than the memory."""
+    block = build("compressive", C, causal=causal, heads=2, **kwargs).to(dtype).train(train)
+    x = feature_map(2, C, *size).to(dtype)
+    out, aux, grads = _forward_and_grads(block, x, block._forward)
+    ref_out, ref_aux, ref_grads = _forward_and_grads(block, x, block._reference_forward)
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    assert (
+        (aux is None) == (ref_aux is None) == (not train or size[0] <= block.mem_rows or not block.cmem_rows)
+    )
+    if aux is not None:
+        torch.testing.assert_close(aux, ref_aux, atol=tol, rtol=tol)
+    names = ["x"] + [name for name, _ in block.named_parameters()]
+    for name, g, ref in zip(names, grads, ref_grads):
+        assert (g is None) == (ref is None), name
+        if g is not None:
+            torch.testing.assert_close(g, ref, atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_forward_attends_all_bands_in_one_sdpa(monkeypatch):
+    """No loop over bands: one SDPA for the map (three in training: the reconstruction loss adds two),
+    however many bands; the band loop (step) makes one per band."""
+    import torch.nn.functional as F
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or sdpa(*a, **k))
+    block = build("compressive", C, heads=2)
+    x = feature_map(1, C, 15, 4)
+    with torch.no_grad():
+        block.eval()(x)
+        assert len(calls) == 1
+        block.train()(x)
+        assert len(calls) == 1 + 3
+        block._reference_forward(x)
+    assert len(calls) == 4 + 8 + 2 * 7  # one per band, two more per band that evicts rows (training)

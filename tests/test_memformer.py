@@ -177,3 +177,61 @@ def test_bad_arguments():
         block.step(feature_map(1, C, 3, 6), block.init_state(1, 6))
     with pytest.raises(ValueError, match="init_state"):
         block.step(feature_map(1, C, 2, 6), {"memory": torch.zeros(1, 3, C)})
+
+
+def _forward_and_grads(block, x, forward):
+    """Output and the gradients of a fixed weighted sum w.r.t. x and every parameter."""
+    x = x.clone().requires_grad_(True)
+    out = forward(x)
+    weights = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+    grads = torch.autograd.grad((out * weights).sum(), [x, *block.parameters()], allow_unused=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(
+    "kwargs, size",
+    [
+        ({"num_slots": 5}, (8, 5)),
+        ({"num_slots": 3, "band_rows": 3, "write_temperature": 1.0}, (11, 5)),
+        ({"num_slots": 7, "band_rows": 1}, (5, 3)),
+        ({"band_rows": 4, "num_slots": 2}, (13, 3)),
+        ({}, (9, 7)),
+        ({}, (1, 1)),
+    ],
+)
+def test_hoisted_forward_equals_the_band_loop(dtype, tol, causal, kwargs, size):
+    """The one-shot forward (projections hoisted out of the band loop) against the loop of step(): outputs
+    and the gradients of input and parameters, at odd sizes and short last bands. A parameter only the
+    write uses has no gradient in the loop when there is one band (its last write is unused), and none or
+    an exact zero in the forward (some of its weights are fused with the read's)."""
+    block = build("memformer", C, causal=causal, heads=2, **kwargs).to(dtype).train()
+    x = feature_map(2, C, *size).to(dtype)
+    out, grads = _forward_and_grads(block, x, block._forward)
+    ref_out, ref_grads = _forward_and_grads(block, x, block._reference_forward)
+    torch.testing.assert_close(out, ref_out, atol=tol, rtol=tol)
+    names = ["x"] + [name for name, _ in block.named_parameters()]
+    for name, g, ref in zip(names, grads, ref_grads):
+        if ref is None:
+            assert size[0] <= block.band_rows and name.startswith("write_") and (g is None or not g.any()), (
+                name
+            )
+        else:
+            torch.testing.assert_close(g, ref, atol=tol, rtol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_band_projections_run_once_per_forward():
+    """The queries and keys/values of the bands are projected for the whole map at once (the loop of step
+    projects them band by band); only the slots' and the outputs' projections stay in the loop."""
+    block = build("memformer", C, heads=2).eval()
+    calls = {"q": 0, "kv": 0}
+    for name in calls:
+        getattr(block, name).register_forward_hook(
+            lambda *_, name=name: calls.__setitem__(name, calls[name] + 1)
+        )
+    with torch.no_grad():
+        block(feature_map(1, C, 9, 4))
+        assert calls == {"q": 1, "kv": 1}
+        block._reference_forward(feature_map(1, C, 9, 4))
+    assert calls == {"q": 1 + 5, "kv": 1 + 5}

@@ -135,6 +135,100 @@ class CompressiveAttention(BandRecurrentBlock):
             )
         return None
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """All bands at once; equal to the band loop (``_reference_forward``, which ``step`` follows).
+
+        The memories hold *input* rows (and their compression), never outputs, so band t's context is known
+        before any band is processed: memory = input rows ``[T - mem_rows, T)`` and compressed memory = the
+        compression of rows ``[T - mem_rows - cmem_rows, T - mem_rows)`` (T = the band's top row; rows
+        before 0 do not exist). Nothing is recurrent: every band attends to its window of keys in one batched
+        SDPA, the windows cut from the keys/values of all rows, projected once.
+        """
+        bsz, _, height, width = x.shape
+        b, m, cm = self.band_rows, self.mem_rows, self.cmem_rows
+        nb = -(-height // b)
+        h_pad, n = nb * b, b * width
+        dev = x.device
+        # Rows padded with m empty rows on top (memory of the first bands) and up to a whole last band.
+        x_pad = F.pad(x, (0, 0, m, h_pad - height))
+        tokens = to_tokens(x_pad)
+        q = self.q(tokens[:, m * width :])
+        kv = self.kv(tokens).unflatten(1, (m + h_pad, width))
+        # Band t's raw window: padded rows [t*b, t*b + m + b) = memory rows then the band's rows.
+        raw = kv.unfold(1, m + b, b).permute(0, 1, 4, 2, 3).flatten(2, 3)  # (B, nb, (m+b)*W, 2C)
+        row = (
+            torch.arange(m + b, device=dev).repeat_interleave(width)
+            + torch.arange(nb, device=dev)[:, None] * b
+        )
+        key_ok = (row >= m) & (row < m + height)  # padded rows -> real rows
+        # Rows that some band sees compressed: those evicted before the last band starts.
+        n_comp = (nb - 1) * b - m if cm else 0
+        if n_comp > 0:
+            comp = self._compress(x[:, :, :n_comp])
+            wc = comp.shape[3]
+            # Compressed row r sits at padded index r + m + cm; band t's window is [t*b, t*b + cm).
+            ckv = self.kv(to_tokens(F.pad(comp, (0, 0, m + cm, 0)))).unflatten(1, (n_comp + m + cm, wc))
+            cwin = ckv.unfold(1, cm, b)[:, :nb].permute(0, 1, 4, 2, 3).flatten(2, 3)  # (B, nb, cm*wc, 2C)
+            crow = (
+                torch.arange(cm, device=dev).repeat_interleave(wc) + torch.arange(nb, device=dev)[:, None] * b
+            )
+            raw = torch.cat([cwin, raw], dim=2)
+            key_ok = torch.cat([crow >= m + cm, key_ok], dim=1)
+        n_keys = raw.shape[2]
+        k, v = raw.flatten(0, 1).chunk(2, dim=-1)
+        mask = key_ok[:, None, :]  # (nb, 1, L)
+        if self.causal:
+            # Memories are all in the past; the band itself (the last n keys) is masked in raster order.
+            offset = torch.arange(n_keys, device=dev) - (n_keys - n)
+            mask = mask & (offset[None, :] <= torch.arange(n, device=dev)[:, None])
+        mask = mask.unsqueeze(0).expand(bsz, -1, -1, -1).flatten(0, 1).unsqueeze(1)
+        out = multihead_sdpa(q.unflatten(1, (nb, n)).flatten(0, 1), k, v, self.heads, attn_mask=mask)
+        out = out.unflatten(0, (bsz, nb)).flatten(1, 2)[:, : height * width]
+        self.aux_loss = None
+        if self.training and cm and height > m:
+            self.aux_loss = self._batched_reconstruction_loss(x, q, kv[:, :h_pad], height)
+        return x + to_map(self.proj(out), height, width)
+
+    def _batched_reconstruction_loss(
+        self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, height: int
+    ) -> torch.Tensor:
+        """The sum over bands of :meth:`_reconstruction_loss` for the rows each band evicts, in one SDPA.
+
+        Band t (top row T, r rows) evicts rows ``[T - m, T + r - m)`` (those >= 0): with the m-row top padding
+        of ``kv`` these are padded rows ``[T, T + b)``, i.e. band t's own slot, valid where ``m <= row < H``.
+        """
+        bsz, _, _, width = x.shape
+        b, m = self.band_rows, self.mem_rows
+        nb, h_pad = q.shape[1] // (b * width), kv.shape[1]
+        first = m // b  # bands before it evict nothing (their rows fit in the memory)
+        comp = self._compress(F.pad(x[:, :, : height - m].detach(), (0, 0, m, h_pad - height)))
+        wc = comp.shape[3]
+        k_c, v_c = F.linear(to_tokens(comp), self.kv.weight.detach(), self.kv.bias.detach()).chunk(2, dim=-1)
+        k_old, v_old = kv.detach().flatten(1, 2).to(k_c.dtype).chunk(2, dim=-1)
+        dev = x.device
+        band_row = torch.arange(first, nb, device=dev)[:, None] * b
+
+        def per_band(t: torch.Tensor, cols: int) -> torch.Tensor:
+            return t.unflatten(1, (nb, b * cols))[:, first:].flatten(0, 1)
+
+        def valid(cols: int) -> torch.Tensor:
+            rows = band_row + torch.arange(b, device=dev).repeat_interleave(cols)
+            ok = (rows >= m) & (rows < height)
+            return ok[None, :, None, None, :].expand(bsz, -1, -1, -1, -1).flatten(0, 1)
+
+        qd = per_band(q.detach(), width)
+        target = multihead_sdpa(
+            qd, per_band(k_old, width), per_band(v_old, width), self.heads, attn_mask=valid(width)
+        )
+        approx = multihead_sdpa(qd, per_band(k_c, wc), per_band(v_c, wc), self.heads, attn_mask=valid(wc))
+        acc = torch.promote_types(target.dtype, torch.float32)
+        sq = (approx.to(acc) - target.to(acc)).square().unflatten(0, (bsz, nb - first))
+        # Each band's loss is a mean over its own real tokens (the last band may be short): weight 1/count.
+        rows_in_band = (height - torch.arange(first, nb, device=dev) * b).clamp(max=b)
+        query_ok = torch.arange(b * width, device=dev) < (rows_in_band * width)[:, None]
+        weight = query_ok.to(acc) / (bsz * rows_in_band * width * x.shape[1])[:, None]
+        return (sq.sum(-1) * weight).sum()
+
     def _compress(self, rows: torch.Tensor) -> torch.Tensor:
         pad = -rows.shape[3] % self.compression
         return self.compress(F.pad(rows, (0, pad)) if pad else rows)
@@ -182,7 +276,9 @@ class CompressiveAttention(BandRecurrentBlock):
         k_old, v_old = to_tokens(evicted_kv).detach().to(k_c.dtype).chunk(2, dim=-1)
         q = q.detach()
         target = multihead_sdpa(q, k_old, v_old, self.heads)
-        return F.mse_loss(multihead_sdpa(q, k_c, v_c, self.heads).float(), target.float())
+        # At least float32 (bf16 squared errors lose too much), float64 kept.
+        acc = torch.promote_types(target.dtype, torch.float32)
+        return F.mse_loss(multihead_sdpa(q, k_c, v_c, self.heads).to(acc), target.to(acc))
 
     def _finish(self, state: BandState) -> None:
         self.aux_loss = state.get("aux_loss") if self.training else None

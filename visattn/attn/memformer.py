@@ -143,6 +143,65 @@ class MemformerAttention(BandRecurrentBlock):
         outputs = tokens + self.proj(read)
         return to_map(outputs, rows, width), {"memory": self._write(memory, outputs)}
 
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The band loop with everything that does not depend on the memory taken out of it; equal to
+        ``_reference_forward`` (the loop of ``_step``, which ``step`` follows).
+
+        Band t's read needs the memory written by band t-1, and that write is a softmax over band t-1's
+        outputs, so the loop over bands is truly sequential (no scan form). Outside it, for all bands at
+        once: the bands' queries and keys/values (the largest projections) and the masks. Inside it, per
+        band: one projection of the k slots (read keys/values, write queries and keys fused), the read
+        SDPA over [slots; band], the output projection, one projection of the outputs (write keys and
+        values fused), the write SDPA and the normalization. The read stays one fused SDPA over [slots;
+        band] rather than a band-only SDPA for all bands merged with a slot-only one: the merge needs the
+        band part's log-sum-exp, which fused SDPA does not return, and computing it explicitly would keep
+        B·heads·N·band_rows·W attention weights for the backward instead of O(N·C).
+        """
+        bsz, c, height, width = x.shape
+        tokens = to_tokens(x)
+        q = self.q(tokens)
+        kv = self.kv(tokens)
+        w_write = torch.cat([self.write_k.weight, self.write_v.weight])  # (2C, C)
+        b_write = torch.cat([self.write_k.bias, self.write_v.bias])
+        w_mem = torch.cat([self.kv.weight, self.write_q.weight, self.write_k.weight])  # (4C, C)
+        b_mem = torch.cat([self.kv.bias, self.write_q.bias, self.write_k.bias])
+        k_slots, n_max = self.num_slots, self.band_rows * width
+        dev = x.device
+        read_mask = None
+        if self.causal:
+            offset = torch.arange(k_slots + n_max, device=dev) - k_slots
+            read_mask = offset[None, :] <= torch.arange(n_max, device=dev)[:, None]
+        eye = torch.eye(k_slots, dtype=torch.bool, device=dev)
+        write_mask = torch.cat([eye, eye.new_ones(k_slots, n_max)], dim=1)
+        write_scale = 1.0 / (self.write_temperature * math.sqrt(c // self.heads))
+        bias = self.forget_bias
+        memory = self.terminal_state().to(x.dtype).unsqueeze(0).expand(bsz, -1, -1)
+        # Per-band pieces by one split each: slicing the whole tensors per band would make every band's
+        # backward fill and add a gradient of the whole map (quadratic in the number of bands).
+        x_bands, q_bands, k_bands, v_bands = (
+            t.split(n_max, dim=1) for t in (tokens, q, *kv.chunk(2, dim=-1))
+        )
+        outs = []
+        for t, (x_t, q_t, k_t, v_t) in enumerate(zip(x_bands, q_bands, k_bands, v_bands)):
+            n = q_t.shape[1]
+            k_m, v_m, wq_m, wk_m = F.linear(memory.to(q.dtype), w_mem, b_mem).split(c, dim=-1)
+            k = torch.cat([k_m, k_t], dim=1)
+            v = torch.cat([v_m, v_t], dim=1)
+            mask = None if read_mask is None else read_mask[:n, : k_slots + n]
+            read = multihead_sdpa(q_t, k, v, self.heads, attn_mask=mask)
+            outputs = x_t + self.proj(read)
+            outs.append(outputs)
+            if t == len(q_bands) - 1:
+                break  # the memory after the last band is not part of the output
+            wk_o, wv_o = F.linear(outputs, w_write, b_write).chunk(2, dim=-1)
+            keys = torch.cat([wk_m, wk_o], dim=1)
+            values = torch.cat([memory.to(wv_o.dtype), wv_o], dim=1)
+            written = multihead_sdpa(
+                wq_m, keys, values, self.heads, attn_mask=write_mask[:, : k_slots + n], scale=write_scale
+            )
+            memory = self._normalize(written + bias.to(written.dtype))
+        return to_map(torch.cat(outs, dim=1), height, width)
+
     def _write(self, memory: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
         k_slots, n = memory.shape[1], outputs.shape[1]
         memory = memory.to(outputs.dtype)
