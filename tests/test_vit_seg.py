@@ -319,3 +319,24 @@ def test_registered_vit_features_only():
     with torch.no_grad():
         feats = model(torch.randn(1, 3, 208, 304))  # dynamic size: 13 x 19 patches
     assert [tuple(f.shape) for f in feats] == [(1, 64, 13, 19), (1, 64, 13, 19)]
+
+
+def test_vit_speed_tool_writes_the_table(tmp_path):
+    """tools/vit_speed.py end to end on a one-block ViT at 64 px (the committed table is its full run)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "vit_speed.py"
+    spec = importlib.util.spec_from_file_location("vit_speed_tool", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "docs" / "speed.md"
+    args = ["--sizes", "64:1", "--repeats", "1", "--warmup", "0", "--mixers", "performer", "nonlocal"]
+    assert tool.main([*args, "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert rows[0] == "| mixer | 64 px (16 tokens), 1 block(s): ms (x dense) | MiB |"
+    assert [r.split(" | ")[0] for r in rows[1:]] == ["| dense", "| performer", "| nonlocal"]
+    assert "(1.00)" in rows[1] and "Reduced depth (64 px: 1 of 12 blocks)" in out.read_text()
+    assert [p.name for p in out.parent.iterdir()] == ["speed.md"]  # no temporary file left
+    with pytest.raises(SystemExit):
+        tool.main(["--mixers", "cbam", "--out", str(out)])
