@@ -223,7 +223,7 @@ def test_measure_vs_dense_row_with_fake_timer_and_skip():
     assert skipped.status.startswith("skipped: one block forward+backward took") and math.isnan(
         skipped.time_ratio
     )
-    # a larger size is predicted from the smaller one (scaled as N^2) and never run
+    # a larger size is predicted from the smaller one (scaled as N^e) and never run
     small, large = sweep_vs_dense(["gcnet"], [(4, 4), (64, 64)], channels=16, max_call_s=1e-9, progress=False)
     assert small.status.startswith("skipped: one block") and small.first_call_s > 0
     assert large.status.startswith("skipped: one block forward+backward predicted at")

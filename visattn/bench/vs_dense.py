@@ -271,9 +271,9 @@ def sweep_vs_dense(
     """:func:`measure_vs_dense` for every (dtype, size, block); a failing block becomes an error row.
 
     ``on_row`` is called after each row (the GPU sweep saves its results there, so a run cut short
-    keeps what it measured). With ``max_call_s``, a block whose call at a smaller size, scaled as N²
-    (the worst declared growth), predicts more than ``max_call_s`` is skipped without being run: one
-    call of an O(N²) block at a large map can take minutes on a CPU.
+    keeps what it measured). With ``max_call_s``, a block whose call at a smaller size, scaled as
+    N^e (e: its declared FLOP exponent, at least 1), predicts more than ``max_call_s`` is skipped
+    without being run: one call of an O(N²) block at a large map can take minutes on a CPU.
     """
     names, sizes, dtypes = list(names), list(sizes), list(dtypes)
     dev = torch.device(device)
@@ -287,12 +287,16 @@ def sweep_vs_dense(
             (r.height * r.width, r.first_call_s) for r in rows if r.name == name and r.dtype == str(dt)[6:]
         ]
         known = [(n, t) for n, t in known if n < tokens and not math.isnan(t)]
-        predicted = max((t * (tokens / n) ** 2 for n, t in known), default=0.0)
+        try:
+            growth = max(1.0, attn_info(name).flops_exponent)
+        except ValueError:  # not a registry name: assume the worst declared growth
+            growth = 2.0
+        predicted = max((t * (tokens / n) ** growth for n, t in known), default=0.0)
         if max_call_s is not None and not compile and predicted > max_call_s:
             row = DenseRatio(
                 name, batch, channels, size[0], size[1], str(dt).replace("torch.", ""), device, "eager", 0,
                 rounds, *[math.nan] * 6,
-                status=f"skipped: one block forward+backward predicted at {predicted:.0f} s > {max_call_s:g} s",
+                status=f"skipped: one block forward+backward predicted at {predicted:.1f} s > {max_call_s:g} s",
             )  # fmt: skip
             rows.append(row)
             if on_row is not None:
