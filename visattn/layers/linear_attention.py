@@ -277,23 +277,37 @@ def _chunk_prep(q, k, v, g, L):
     b = rearrange(g, "... (c l) -> ... c l", l=L).cumsum(-1)
     decay = (b.unsqueeze(-1) - b.unsqueeze(-2)).masked_fill(~mask, float("-inf")).exp()
     b_last = b[..., -1:]
-    return qc, kc, vc, decay, b.exp().unsqueeze(-1), (b_last - b).exp().unsqueeze(-1), b_last.exp()
+    return qc, kc, vc, decay, b.exp().unsqueeze(-1), (b_last - b).exp().unsqueeze(-1), b_last[..., 0]
 
 
-def _chunk_states(kc, vc, k_w, a):
-    """State entering each chunk, (..., c, Dk, Dv): exclusive (decayed) prefix sum of chunk updates."""
+def _decayed_prefix(x: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
+    """y[c] = x[c] + exp(log_a[c]) · y[c-1] (y[-1] = 0) for x (..., c, P, Q) and log_a (..., c).
+
+    By log2(c) doubling steps (Hillis-Steele) of whole-tensor ops instead of a loop over the c chunks:
+    after the step of width w, x[c] holds the terms of the w chunks ending at c and log_a[c] their total
+    log decay, so one shifted, decayed add doubles the span. Decays are multiplied as exp of log-sums
+    (each <= 1 for log_a <= 0), never as products of small factors.
+    """
+    n, w = x.shape[-3], 1
+    while w < n:
+        x = x + log_a.exp()[..., None, None] * F.pad(x[..., :-w, :, :], (0, 0, 0, 0, w, 0))
+        log_a = log_a + F.pad(log_a[..., :-w], (w, 0))
+        w *= 2
+    return x
+
+
+def _chunk_states(kc, vc, k_w, log_a):
+    """State entering each chunk, (..., c, Dk, Dv): exclusive (decayed) prefix sum of chunk updates;
+    ``log_a`` (..., c) is each chunk's total log decay (None: no decay)."""
     upd = (kc if k_w is None else kc * k_w).transpose(-1, -2) @ vc
-    if a is None:
+    if log_a is None:
         return F.pad(upd.cumsum(-3)[..., :-1, :, :], (0, 0, 0, 0, 1, 0))
-    states = [torch.zeros_like(upd[..., 0, :, :])]
-    for c in range(upd.shape[-3] - 1):  # a recurrence over chunks (N / L steps), not over tokens
-        states.append(a[..., c, :, None] * states[-1] + upd[..., c, :, :])
-    return torch.stack(states, dim=-3)
+    return F.pad(_decayed_prefix(upd, log_a)[..., :-1, :, :], (0, 0, 0, 0, 1, 0))
 
 
 def _scan_forward(q, k, v, g, L):
-    qc, kc, vc, decay, q_w, k_w, a = _chunk_prep(q, k, v, g, L)
-    states = _chunk_states(kc, vc, k_w, a)
+    qc, kc, vc, decay, q_w, k_w, log_a = _chunk_prep(q, k, v, g, L)
+    states = _chunk_states(kc, vc, k_w, log_a)
     out = ((qc @ kc.transpose(-1, -2)) * decay) @ vc + (qc if q_w is None else qc * q_w) @ states
     return rearrange(out, "... c l d -> ... (c l) d")
 
@@ -311,20 +325,20 @@ class _RecomputedScan(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, g = ctx.saved_tensors
         L = ctx.L
-        qc, kc, vc, decay, q_w, k_w, a = _chunk_prep(q, k, v, g, L)
-        states = _chunk_states(kc, vc, k_w, a)
+        qc, kc, vc, decay, q_w, k_w, log_a = _chunk_prep(q, k, v, g, L)
+        states = _chunk_states(kc, vc, k_w, log_a)
         doc = rearrange(dout, "... (c l) d -> ... c l d", l=L)
         qd = qc if q_w is None else qc * q_w
         kd = kc if k_w is None else kc * k_w
         direct = qd.transpose(-1, -2) @ doc  # gradient reaching each chunk's entering state directly
         # r[c]: gradient w.r.t. the state leaving chunk c (= entering chunk c + 1).
-        if a is None:
+        if log_a is None:
             r = F.pad(direct.flip(-3).cumsum(-3).flip(-3)[..., 1:, :, :], (0, 0, 0, 0, 0, 1))
         else:
-            rs = [torch.zeros_like(direct[..., 0, :, :])]
-            for c in range(direct.shape[-3] - 1, 0, -1):
-                rs.append(direct[..., c, :, :] + a[..., c, :, None] * rs[-1])
-            r = torch.stack(rs[::-1], dim=-3)
+            # r[c] = direct[c + 1] + a[c + 1] · r[c + 1]: the forward's decayed prefix run backwards.
+            shifted = F.pad(direct[..., 1:, :, :], (0, 0, 0, 0, 0, 1))
+            log_a_rev = F.pad(log_a.flip(-1)[..., :-1], (1, 0))
+            r = _decayed_prefix(shifted.flip(-3), log_a_rev).flip(-3)
         p = (doc @ vc.transpose(-1, -2)) * decay
         scores = (qc @ kc.transpose(-1, -2)) * decay
         dq = doc @ states.transpose(-1, -2)
