@@ -313,3 +313,15 @@ def test_cnn_path_unchanged():
     model = visattn.create_model("resnet18", "gcnet", num_classes=3).eval()
     assert not any(isinstance(m, ViTMixer) for m in model.modules())
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+
+
+def test_vit_create_model_result_round_trips_through_local_dir(tmp_path, images):
+    """save_pretrained takes a ViT built by visattn.create_model (before, its ViT branch returned before
+    the arguments were recorded, and the save was refused), and local-dir: rebuilds it bit for bit."""
+    from visattn.models.hf import save_pretrained
+
+    model = visattn.create_model(NAME, "longformer", attn_kwargs=dict(kernel_size=5), **TINY).eval()
+    save_pretrained(model, tmp_path / "vit")
+    again = visattn.create_model(f"local-dir:{tmp_path / 'vit'}").eval()
+    with torch.no_grad():
+        assert torch.equal(again(images["160x96"]), model(images["160x96"]))

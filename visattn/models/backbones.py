@@ -382,7 +382,11 @@ def create_model(
             raise ValueError(
                 f"{backbone}: stages/placement apply to CNNs; a ViT's mixer replaces every attention layer"
             )
-        return vit.create_vit(backbone, attn, attn_kwargs=attn_kwargs, pretrained=pretrained, **timm_kwargs)
+        model = vit.create_vit(backbone, attn, attn_kwargs=attn_kwargs, pretrained=pretrained, **timm_kwargs)
+        from .hf import record_model_args
+
+        record_model_args(model, recorded)  # so save_pretrained can rebuild it, as for CNNs
+        return model
     features_only = timm_kwargs.pop("features_only", False)
     out_indices = timm_kwargs.pop("out_indices", None)
     output_fmt = timm_kwargs.pop("output_fmt", "NCHW")
