@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import visattn.layers.linear_attention as linear_attention_module
 from visattn.layers.linear_attention import (
     RandomFeatures,
     causal_linear_scan,
@@ -104,12 +105,14 @@ def test_recomputed_backward_matches_autograd(decay):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["loop", "doubling"])
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("chunk", [1, 3, 4, 6])
-def test_decayed_scan_gradients_equal_the_masked_definition(recompute, chunk):
-    """The chunk-state recurrence runs as a doubling scan (forward and recomputed backward): outputs and the
-    gradients of q, k, v and the decay equal those of the explicit masked form, with 31, 11, 8 and 6
-    chunks (non-powers of two too) and strong decays (chunk decays down to e^-40)."""
+def test_decayed_scan_gradients_equal_the_masked_definition(monkeypatch, backend, recompute, chunk):
+    """The chunk-state recurrence, as a loop (the CPU's default) and as a doubling scan (forward and
+    recomputed backward): outputs and the gradients of q, k, v and the decay equal those of the explicit
+    masked form, with 31, 11, 8 and 6 chunks (non-powers of two too) and strong decays (down to e^-40)."""
+    monkeypatch.setattr(linear_attention_module, "DECAY_SCAN", backend)
     shapes = [(2, 2, 31, 4), (2, 2, 31, 4), (2, 2, 31, 3), (2, 2, 31)]
     base = [rand(*s, seed=i, positive=i != 2) for i, s in enumerate(shapes)]
     base[3] = -10 * base[3]
@@ -123,8 +126,8 @@ def test_decayed_scan_gradients_equal_the_masked_definition(recompute, chunk):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_decayed_scan_has_no_loop_over_chunks():
-    """Eight times more chunks (8 -> 64) add log2(8) = 3 doubling steps of ops (about 25 each, forward and
+def test_decayed_scan_has_no_loop_over_chunks(monkeypatch):
+    """With the doubling backend (the default off the CPU), eight times more chunks (8 -> 64) add log2(8) = 3 doubling steps of ops (about 25 each, forward and
     backward), not one step per chunk."""
 
     class Count(TorchDispatchMode):
@@ -136,6 +139,7 @@ def test_decayed_scan_has_no_loop_over_chunks():
             self.ops += 1
             return func(*args, **(kwargs or {}))
 
+    monkeypatch.setattr(linear_attention_module, "DECAY_SCAN", "doubling")
     counts = []
     for n in (32, 256):
         ins = [rand(1, 1, n, 3, seed=i, positive=True).requires_grad_() for i in range(3)]
@@ -144,6 +148,13 @@ def test_decayed_scan_has_no_loop_over_chunks():
             causal_linear_scan(*ins, g, chunk_size=4).sum().backward()
         counts.append(mode.ops)
     assert counts[1] - counts[0] < 150, counts  # a loop over chunks adds over 600
+
+
+def test_decay_scan_backend_is_checked(monkeypatch):
+    monkeypatch.setattr(linear_attention_module, "DECAY_SCAN", "fast")
+    q = rand(1, 1, 8, 2, positive=True)
+    with pytest.raises(ValueError, match="DECAY_SCAN"):
+        causal_linear_scan(q, q, q, -q[..., 0], chunk_size=2)
 
 
 def test_recomputed_backward_gradcheck():

@@ -280,14 +280,30 @@ def _chunk_prep(q, k, v, g, L):
     return qc, kc, vc, decay, b.exp().unsqueeze(-1), (b_last - b).exp().unsqueeze(-1), b_last[..., 0]
 
 
+#: How the decayed chunk-state recurrence runs: "doubling" (log2(chunks) whole-tensor steps: few, large
+#: kernels, for accelerators), "loop" (one small step per chunk: the fewest FLOPs, for the CPU, where
+#: a step costs no launch) or "auto" (doubling except on the CPU). Set it to override the choice.
+DECAY_SCAN = "auto"
+
+
 def _decayed_prefix(x: torch.Tensor, log_a: torch.Tensor) -> torch.Tensor:
     """y[c] = x[c] + exp(log_a[c]) · y[c-1] (y[-1] = 0) for x (..., c, P, Q) and log_a (..., c).
 
-    By log2(c) doubling steps (Hillis-Steele) of whole-tensor ops instead of a loop over the c chunks:
-    after the step of width w, x[c] holds the terms of the w chunks ending at c and log_a[c] their total
-    log decay, so one shifted, decayed add doubles the span. Decays are multiplied as exp of log-sums
-    (each <= 1 for log_a <= 0), never as products of small factors.
+    "doubling" (see :data:`DECAY_SCAN`): log2(c) steps (Hillis-Steele) of whole-tensor ops instead of a
+    loop over the c chunks: after the step of width w, x[c] holds the terms of the w chunks ending at c
+    and log_a[c] their total log decay, so one shifted, decayed add doubles the span. It does
+    log2(c) times the FLOPs of the loop, which only pays where the loop's many small steps cost launches.
     """
+    if DECAY_SCAN not in ("auto", "loop", "doubling"):
+        raise ValueError(
+            "visattn.layers.linear_attention.DECAY_SCAN must be 'auto', 'loop' or 'doubling', "
+            f"got {DECAY_SCAN!r}"
+        )
+    if DECAY_SCAN == "loop" or (DECAY_SCAN == "auto" and x.device.type == "cpu"):
+        ys = [x[..., 0, :, :]]
+        for c in range(1, x.shape[-3]):  # a recurrence over chunks (N / L steps), not over tokens
+            ys.append(x[..., c, :, :] + log_a[..., c, None, None].exp() * ys[-1])
+        return torch.stack(ys, dim=-3)
     n, w = x.shape[-3], 1
     while w < n:
         x = x + log_a.exp()[..., None, None] * F.pad(x[..., :-w, :, :], (0, 0, 0, 0, w, 0))
