@@ -35,7 +35,7 @@ def _check_int(name: str, value, low: int) -> int:
     causal=True,
     identity_init=True,
     export_dynamic_hw=False,
-    export_note="the recurrence over row-bands unrolls in the exported graph, so H is fixed at export",
+    export_note="the number of row-bands and their key windows are fixed from H in the graph, so H is fixed",
     idea="row-bands as segments attending to [compressed memory; memory; band]; evicted rows conv-compressed",
     reference="https://github.com/lucidrains/compressive-transformer-pytorch",
 )
@@ -61,6 +61,9 @@ class CompressiveAttention(BandRecurrentBlock):
     attention inside the band, memories of past bands only: a band never sees the rows below it, and it
     sees at most ``mem_rows + cmem_rows`` rows above it (compression is along the row), so the block is not
     global in either mode. Content-only attention (Transformer-XL's relative position terms are not used).
+
+    The one-shot forward attends all bands at once (the memories hold input rows, so nothing is truly
+    recurrent); ``step`` and ``_reference_forward`` run the band loop it equals.
 
     Streaming: ``state = init_state(B, W)``; ``out, state = step(band, state)`` (see
     :mod:`visattn.layers.streaming`); the state holds at most ``mem_rows`` memory rows (with their cached
