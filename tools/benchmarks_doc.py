@@ -25,7 +25,16 @@ from visattn.bench.runner import BenchRow, declared_exponent, fit_exponents  # n
 
 # Why a block is at >= 1.0x dense at the largest side measured, where the cause is plain from the method
 # (shown in the table's last column). Filled from the measured table; a block without an entry shows none.
-REASONS: dict[str, str] = {}
+REASONS: dict[str, str] = {
+    "danet": "declared O(N²): position attention over all pixel pairs plus a channel attention, i.e. dense's work and more",
+    "inputless": "declared O(N²): learned N x N maps for 8 heads, held and multiplied explicitly (no fused kernel)",
+    "synthesizer": "declared O(N²): synthesised N x N logits per head are materialised (no q·k, so no fused SDPA)",
+    "etc": "declared O(N²) in its g² global term (g = N/P² global tokens attend each other), plus pattern gathers",
+    "reformer": "fixed cost per token: hash, argsort and gather per hash round, then attention over 2 chunks per "
+    "round; O(N log N) with a large constant (0.74x in the issue's quiet run: load-sensitive)",
+    "scram": "PatchMatch's propagation and random-search steps are many small gather kernels (per-token overhead)",
+    "pkm": "top-k over product keys and EmbeddingBag gathers: a large per-token constant at small N",
+}
 
 
 def vs_dense_measure(argv: list[str]) -> None:
@@ -91,7 +100,11 @@ def vs_dense_doc(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     meta, rows = vs_dense.read_vs_dense_json(args.json)
     sides = sorted({r.height for r in rows})
-    plot_vs_dense(rows, args.img, title=f"CPU, B=1, C=64, fp32: time / dense SDPA ({meta['machine'][:60]})")
+    plot_vs_dense(
+        rows,
+        args.img,
+        title="CPU, B=1, C=64, fp32, 1 thread: forward+backward time / dense SDPA (< 1: faster)",
+    )
     ok = [r for r in rows if r.status == "ok" and r.height == sides[-1]]
     above = sorted(r.name for r in ok if r.time_ratio >= 1.0)
     skipped = sorted({r.name for r in rows if r.status != "ok"})
