@@ -163,6 +163,7 @@ def test_wheel_carries_the_run_time_data_and_metadata(installed):
     with tarfile.open(sdist) as tar:
         assert any(n.endswith("model_zoo/segmentation.yaml") for n in tar.getnames())
     assert f"Version: {visattn.__version__}" in meta and "License-Expression: Apache-2.0" in meta
+    assert "License-File: LICENSE" in meta and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert "Classifier: Programming Language :: Python :: 3" in meta
     for extra in ("bench", "export", "smp", "viz", "dev"):
         assert f"Provides-Extra: {extra}" in meta
