@@ -36,6 +36,7 @@ from ..layers import to_map, to_tokens
 from ..layers.attention import MultiHeadAttention, default_heads, resolve_heads
 from ..registry import attn_info, create_attn
 from .measure import saved_activation_bytes
+from .runner import _progress
 
 __all__ = [
     "DenseAttention",
@@ -323,27 +324,6 @@ def sweep_vs_dense(
         bar.update(1)
     bar.close()
     return rows
-
-
-class _NoBar:
-    def set_description(self, *_):
-        pass
-
-    def update(self, *_):
-        pass
-
-    def close(self):
-        pass
-
-
-def _progress(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return _NoBar()
-    return tqdm(total=total, leave=False)
 
 
 def _num(v: float, digits: int = 3) -> str:
