@@ -124,3 +124,14 @@ def test_segmentor_exports(tmp_path):
     x = torch.randn(1, 3, 64, 64)
     path = export.export_onnx(model, x, tmp_path / "ccnet_seg.onnx", dynamic=False)
     assert export.onnx_max_error(path, model, x) <= 1e-4
+
+
+def test_support_row_survives_a_dynamic_graph_that_does_not_run():
+    """compressive's dynamic ONNX graph fails inside onnxruntime even at its example size (its band windows
+    are sized from H): the support check must record that and measure the fixed-size export, as the block
+    declares, instead of stopping `visattn support` with an onnxruntime error (it did)."""
+    from visattn import export
+
+    row = export.support_row("compressive")
+    assert row.onnx_parity and not row.dynamic_hw
+    assert "onnx dynamic at (16, 20)" in row.note
