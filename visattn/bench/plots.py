@@ -7,8 +7,8 @@ from pathlib import Path
 from .runner import BenchRow, fit_exponents
 
 
-def plot_scaling(rows: list[BenchRow], out_dir: str | Path, *, title: str = "") -> list[Path]:
-    """Time and saved memory versus N = H*W, one line per block, fitted exponent in the legend."""
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or one error naming the extra to install."""
     try:
         import matplotlib
 
@@ -16,6 +16,12 @@ def plot_scaling(rows: list[BenchRow], out_dir: str | Path, *, title: str = "") 
         import matplotlib.pyplot as plt
     except ImportError as err:
         raise RuntimeError("plots need matplotlib: pip install 'visattn[bench]'") from err
+    return plt
+
+
+def plot_scaling(rows: list[BenchRow], out_dir: str | Path, *, title: str = "") -> list[Path]:
+    """Time and saved memory versus N = H*W, one line per block, fitted exponent in the legend."""
+    plt = _pyplot()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fits = fit_exponents(rows)
@@ -63,13 +69,7 @@ def plot_scaling(rows: list[BenchRow], out_dir: str | Path, *, title: str = "") 
 def plot_vs_dense(rows, out_dir: str | Path, *, title: str = "", mode: str = "eager") -> Path:
     """Time ratio over dense (log scale) against the square side, one line per block, 1.0 marked;
     written to ``out_dir/vs_dense.png``. ``rows`` are :class:`visattn.bench.vs_dense.DenseRatio`."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:
-        raise RuntimeError("plots need matplotlib: pip install 'visattn[bench]'") from err
+    plt = _pyplot()
     from ..atomic import atomic_path
 
     out_dir = Path(out_dir)

@@ -321,6 +321,17 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
 
+    def run_eval(out_json: str | None = None) -> dict[str, Any]:
+        return evaluate(
+            model,
+            val_set,
+            num_classes=cfg["data"]["num_classes"],
+            eval_cfg=cfg["eval"],
+            ignore_index=t_cfg["ignore_index"],
+            device=device,
+            out_json=out_json,
+        )
+
     set_train()
     t0, metrics = time.time(), {}
     saved_at = start
@@ -379,14 +390,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
             if stop_code:
                 break
             if t_cfg["eval_interval"] and done % t_cfg["eval_interval"] == 0 and done != t_cfg["iters"]:
-                metrics = evaluate(
-                    model,
-                    val_set,
-                    num_classes=cfg["data"]["num_classes"],
-                    eval_cfg=cfg["eval"],
-                    ignore_index=t_cfg["ignore_index"],
-                    device=device,
-                )
+                metrics = run_eval()
                 if logger is not None:
                     logger.log({"iter": done, "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]})
                 set_train()
@@ -400,15 +404,7 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
         bar.close()
     if stop_code:
         raise interrupted(stop_code, work_dir / f"iter_{done}", done, t_cfg["iters"])
-    metrics = evaluate(
-        model,
-        val_set,
-        num_classes=cfg["data"]["num_classes"],
-        eval_cfg=cfg["eval"],
-        ignore_index=t_cfg["ignore_index"],
-        device=device,
-        out_json=str(work_dir / "eval.json"),
-    )
+    metrics = run_eval(out_json=str(work_dir / "eval.json"))
     metrics["train_time_s"] = round(time.time() - t0, 2)
     if logger is not None:
         logger.log({"iter": t_cfg["iters"], "mIoU": metrics["mIoU"], "aAcc": metrics["aAcc"]})
