@@ -293,6 +293,14 @@ class ViTMixer(nn.Module):
         self._grid_ctx: _GridContext | None = None
         self._warned = False
 
+    def init_weights(self) -> None:
+        """timm's ViT init calls this after initialising the children (its Linear layers get timm's init):
+        the method's own new parameters then get the initialisation of the method's paper
+        (``core.reset_parameters``), not timm's or PyTorch's default."""
+        reset = getattr(self.core, "reset_parameters", None)
+        if reset is not None:
+            reset()
+
     def _grid(self, n: int) -> tuple[tuple[int, int], int]:
         ctx = self._grid_ctx
         if ctx is not None and ctx.grid is not None:
@@ -384,9 +392,11 @@ def attach_grid(model: nn.Module) -> nn.Module:
         )
     ctx = _GridContext(int(getattr(model, "num_prefix_tokens", 0)))
     patch_embed.register_forward_hook(_GridHook(ctx))
-    for m in model.modules():
-        if isinstance(m, ViTMixer):
-            m._grid_ctx = ctx
+    mixers = [m for m in model.modules() if isinstance(m, ViTMixer)]
+    for index, m in enumerate(mixers):
+        m._grid_ctx = ctx
+        # Methods that differ per layer (jukebox cycles its patterns across layers) read their depth here.
+        m.core.layer_index = index
     return model
 
 
@@ -422,7 +432,8 @@ def create_vit(
         from .backbones import pretrained_weights_offline_check
 
         timm_kwargs = pretrained_weights_offline_check(backbone, timm_kwargs)
-    model = timm.create_model(backbone, pretrained=pretrained, **timm_kwargs)
+    new_state = attn is not None and _has_new_state(timm_kwargs["attn_layer"])
+    model = timm.create_model(backbone, pretrained=pretrained and not new_state, **timm_kwargs)
     if attn is not None:
         attach_grid(model)
         mixers = [n for n, m in model.named_modules() if isinstance(m, ViTMixer)]
@@ -433,6 +444,8 @@ def create_vit(
             for k in model.get_submodule(n).state_dict()
             if k.split(".", 1)[0] not in timm_keys
         ]
+        if pretrained and new_state:
+            _load_timm_weights(model, backbone, timm_kwargs, new)
         _logger.info(
             "visattn: %s attention in %d layer(s) of %s%s; the method's new parameters: %s",
             attn,
@@ -442,3 +455,26 @@ def create_vit(
             ", ".join(new) if new else "none",
         )
     return model
+
+
+def _has_new_state(cls: type[ViTMixer]) -> bool:
+    """Whether the method's core holds parameters or buffers of its own (keys a timm checkpoint lacks)."""
+    spec = MIXERS[cls.method]
+    return bool(spec.core(64, 1, **spec.fixed, **cls.method_kwargs).state_dict())
+
+
+def _load_timm_weights(model: nn.Module, backbone: str, timm_kwargs: dict[str, Any], new: list[str]) -> None:
+    """Load timm's pretrained weights into a ViT whose mixers have new parameters: timm's own dense model
+    loads them (strictly, with timm's resizing of position embeddings), then every one of its keys goes into
+    ``model``; the keys ``model`` misses must be exactly the method's new ones."""
+    import timm
+
+    dense_kwargs = {k: v for k, v in timm_kwargs.items() if k != "attn_layer"}
+    dense = timm.create_model(backbone, pretrained=True, **dense_kwargs)
+    result = model.load_state_dict(dense.state_dict(), strict=False)
+    if result.unexpected_keys or sorted(result.missing_keys) != sorted(new):
+        raise ValueError(
+            f"create_model({backbone!r}): timm's checkpoint does not fit the mixers: unexpected keys "
+            f"{result.unexpected_keys[:5]}, missing keys other than the method's own "
+            f"{sorted(set(result.missing_keys) - set(new))[:5]}"
+        )
