@@ -119,7 +119,9 @@ def test_pretrained_keys_forward_backward(attn, tiny_file, dense, images, caplog
     for key, value in dense.state_dict().items():
         torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
     lines = [r.getMessage() for r in caplog.records if "new parameters" in r.getMessage()]
-    head = f"visattn: {attn} attention in 2 layer(s) of {NAME} (timm's weights); the method's new parameters: "
+    head = (
+        f"visattn: {attn} attention in 2 layer(s) of {NAME} (timm's weights); the method's new parameters: "
+    )
     assert len(lines) == 1 and lines[0].startswith(head), lines
     assert sorted(lines[0][len(head) :].split(", ")) == (new or ["none"])
     model.train()
