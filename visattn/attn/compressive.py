@@ -17,6 +17,42 @@ from ..layers.streaming import BandRecurrentBlock, BandState
 from ..registry import register_attn
 
 
+def band_windows(
+    kv: torch.Tensor, ckv: torch.Tensor | None, height: int, band_rows: int, mem_rows: int, cmem_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every band's key/value window [compressed memory; memory; band], cut from per-row features at once.
+
+    ``kv`` (B, m + nb·b, W, C'): the rows' keys/values with ``m = mem_rows`` empty rows on top (the memory of
+    the first bands) and the last band padded to ``b = band_rows`` rows. ``ckv`` (B, m + cm + n_comp, wc, C')
+    or None: the compressed rows 0..n_comp-1 (``n_comp = (nb - 1)·b - m``, the rows some band sees
+    compressed) with ``m + cm`` empty rows on top (``cm = cmem_rows``). Returns the windows (B, nb, L, C')
+    and ``key_ok`` (nb, L), False where a window key is a padding row (before row 0 or past ``height``).
+    Used by :class:`CompressiveAttention` on its projected input rows and by the ViT mixer
+    (:class:`visattn.layers.mixers.memory.CompressiveCore`) on the pretrained keys/values.
+    """
+    b, m, cm = band_rows, mem_rows, cmem_rows
+    nb, width, dev = (kv.shape[1] - m) // b, kv.shape[2], kv.device
+    # Band t's raw window: padded rows [t*b, t*b + m + b) = memory rows then the band's rows.
+    win = kv.unfold(1, m + b, b).permute(0, 1, 4, 2, 3).flatten(2, 3)  # (B, nb, (m+b)*W, C')
+    row = torch.arange(m + b, device=dev).repeat_interleave(width) + torch.arange(nb, device=dev)[:, None] * b
+    key_ok = (row >= m) & (row < m + height)  # padded rows -> real rows
+    if ckv is not None:
+        wc = ckv.shape[2]
+        # Compressed row r sits at padded index r + m + cm; band t's window is [t*b, t*b + cm).
+        cwin = ckv.unfold(1, cm, b)[:, :nb].permute(0, 1, 4, 2, 3).flatten(2, 3)  # (B, nb, cm*wc, C')
+        crow = torch.arange(cm, device=dev).repeat_interleave(wc) + torch.arange(nb, device=dev)[:, None] * b
+        win = torch.cat([cwin, win], dim=2)
+        key_ok = torch.cat([crow >= m + cm, key_ok], dim=1)
+    return win, key_ok
+
+
+def compress_rows(conv: nn.Module, rows: torch.Tensor, rate: int) -> torch.Tensor:
+    """``conv`` (kernel = stride = (1, rate)) on a (B, C, rows, W) map, W zero-padded on the right to a
+    multiple of ``rate``: (B, C', rows, ceil(W / rate)), the paper's compression along the raster order."""
+    pad = -rows.shape[3] % rate
+    return conv(F.pad(rows, (0, pad)) if pad else rows)
+
+
 def _check_int(name: str, value, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise ValueError(f"compressive: {name} must be an int >= {low}, got {value!r}")
@@ -157,26 +193,14 @@ class CompressiveAttention(BandRecurrentBlock):
         tokens = to_tokens(x_pad)
         q = self.q(tokens[:, m * width :])
         kv = self.kv(tokens).unflatten(1, (m + h_pad, width))
-        # Band t's raw window: padded rows [t*b, t*b + m + b) = memory rows then the band's rows.
-        raw = kv.unfold(1, m + b, b).permute(0, 1, 4, 2, 3).flatten(2, 3)  # (B, nb, (m+b)*W, 2C)
-        row = (
-            torch.arange(m + b, device=dev).repeat_interleave(width)
-            + torch.arange(nb, device=dev)[:, None] * b
-        )
-        key_ok = (row >= m) & (row < m + height)  # padded rows -> real rows
         # Rows that some band sees compressed: those evicted before the last band starts.
         n_comp = (nb - 1) * b - m if cm else 0
+        ckv = None
         if n_comp > 0:
             comp = self._compress(x[:, :, :n_comp])
             wc = comp.shape[3]
-            # Compressed row r sits at padded index r + m + cm; band t's window is [t*b, t*b + cm).
             ckv = self.kv(to_tokens(F.pad(comp, (0, 0, m + cm, 0)))).unflatten(1, (n_comp + m + cm, wc))
-            cwin = ckv.unfold(1, cm, b)[:, :nb].permute(0, 1, 4, 2, 3).flatten(2, 3)  # (B, nb, cm*wc, 2C)
-            crow = (
-                torch.arange(cm, device=dev).repeat_interleave(wc) + torch.arange(nb, device=dev)[:, None] * b
-            )
-            raw = torch.cat([cwin, raw], dim=2)
-            key_ok = torch.cat([crow >= m + cm, key_ok], dim=1)
+        raw, key_ok = band_windows(kv, ckv, height, b, m, cm)
         n_keys = raw.shape[2]
         k, v = raw.flatten(0, 1).chunk(2, dim=-1)
         mask = key_ok[:, None, :]  # (nb, 1, L)
@@ -233,8 +257,7 @@ class CompressiveAttention(BandRecurrentBlock):
         return (sq.sum(-1) * weight).sum()
 
     def _compress(self, rows: torch.Tensor) -> torch.Tensor:
-        pad = -rows.shape[3] % self.compression
-        return self.compress(F.pad(rows, (0, pad)) if pad else rows)
+        return compress_rows(self.compress, rows, self.compression)
 
     def _step(self, band: torch.Tensor, state: BandState) -> tuple[torch.Tensor, BandState]:
         _, _, rows, width = band.shape

@@ -18,6 +18,19 @@ from ..layers.streaming import BandRecurrentBlock, BandState
 from ..registry import register_attn
 
 
+def biased_normalize(written: torch.Tensor, bias: torch.Tensor, norm: float) -> torch.Tensor:
+    """The paper's forgetting (biased memory normalization): ``norm·(m + b) / ||m + b||`` over the last dim.
+    With ``written = 0`` it is the terminal state, the initial memory. Shared with the ViT mixer
+    (:class:`visattn.layers.mixers.memory.MemformerCore`)."""
+    return F.normalize(written + bias.to(written.dtype), dim=-1, eps=1e-6) * norm
+
+
+def slot_write_mask(slots: int, tokens: int, device=None) -> torch.Tensor:
+    """(slots, slots + tokens) bool: slot i's write attends to itself among the slots, and to every token."""
+    eye = torch.eye(slots, dtype=torch.bool, device=device)
+    return torch.cat([eye, eye.new_ones(slots, tokens)], dim=1)
+
+
 @register_attn(
     "memformer",
     title="Memformer: A Memory-Augmented Transformer for Sequence Modeling",
@@ -114,7 +127,7 @@ class MemformerAttention(BandRecurrentBlock):
 
     def terminal_state(self) -> torch.Tensor:
         """(k, C): the memory that forgetting converges to, and the initial memory."""
-        return self._normalize(self.forget_bias)
+        return biased_normalize(torch.zeros_like(self.forget_bias), self.forget_bias, self.slot_norm)
 
     def init_state(self, batch: int, width: int, *, device=None, dtype=None) -> BandState:
         """``memory`` (B, k, C) = the terminal state for every sample (``width`` is not needed)."""
@@ -171,8 +184,7 @@ class MemformerAttention(BandRecurrentBlock):
         if self.causal:
             offset = torch.arange(k_slots + n_max, device=dev) - k_slots
             read_mask = offset[None, :] <= torch.arange(n_max, device=dev)[:, None]
-        eye = torch.eye(k_slots, dtype=torch.bool, device=dev)
-        write_mask = torch.cat([eye, eye.new_ones(k_slots, n_max)], dim=1)
+        write_mask = slot_write_mask(k_slots, n_max, dev)
         write_scale = 1.0 / (self.write_temperature * math.sqrt(c // self.heads))
         bias = self.forget_bias
         memory = self.terminal_state().to(x.dtype).unsqueeze(0).expand(bsz, -1, -1)
@@ -199,7 +211,7 @@ class MemformerAttention(BandRecurrentBlock):
             written = multihead_sdpa(
                 wq_m, keys, values, self.heads, attn_mask=write_mask[:, : k_slots + n], scale=write_scale
             )
-            memory = self._normalize(written + bias.to(written.dtype))
+            memory = biased_normalize(written, bias, self.slot_norm)
         return to_map(torch.cat(outs, dim=1), height, width)
 
     def _write(self, memory: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
@@ -208,8 +220,7 @@ class MemformerAttention(BandRecurrentBlock):
         keys = torch.cat([self.write_k(memory), self.write_k(outputs)], dim=1)
         values = torch.cat([memory, self.write_v(outputs)], dim=1)
         # Slot i sees only itself among the slots, and every band output.
-        eye = torch.eye(k_slots, dtype=torch.bool, device=memory.device)
-        mask = torch.cat([eye, eye.new_ones(k_slots, n)], dim=1)
+        mask = slot_write_mask(k_slots, n, memory.device)
         scale = 1.0 / (self.write_temperature * math.sqrt(self.channels // self.heads))
         written = multihead_sdpa(self.write_q(memory), keys, values, self.heads, attn_mask=mask, scale=scale)
-        return self._normalize(written + self.forget_bias.to(written.dtype))
+        return biased_normalize(written, self.forget_bias, self.slot_norm)
