@@ -18,7 +18,12 @@ __all__ = ["KroneckerCore", "LinformerCore", "MemoryCompressedCore"]
 
 
 def attend_compressed(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, k_patch: torch.Tensor, v_patch: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    prefix: int,
+    k_patch: torch.Tensor,
+    v_patch: torch.Tensor,
 ) -> torch.Tensor:
     """The patch queries of ``q`` (B, h, P + N, d) over the prefix keys of ``k``/``v`` and the compressed
     patch keys ``k_patch``/``v_patch`` (B, h, M, d): one softmax over P + M keys, (B, h, N, d)."""
