@@ -51,8 +51,8 @@ class EtcCore(MixerCore):
             relative_max_distance=relative_max_distance,
             use_global=use_global,
         )
-        self.patch_size, self.local_radius, self.max_distance = patch_size, local_radius, relative_max_distance
-        self.use_global = use_global
+        self.patch_size, self.local_radius = patch_size, local_radius
+        self.max_distance, self.use_global = relative_max_distance, use_global
         labels = (2 * relative_max_distance + 1) ** 2 + 2
         d = self.head_dim
         self.rel_long = nn.Parameter(torch.empty(labels, heads, d))
@@ -189,7 +189,8 @@ class SacCore(MixerCore):
             "sac", alpha=alpha, window=window, anchors=anchors, edge_dim=edge_dim, hidden=hidden, freqs=freqs
         )
         # Attribute names of the SAC block, so its candidate and predictor methods run on this core.
-        self.alpha, self.window, self.anchors, self.edge_dim, self.freqs = alpha, window, anchors, edge_dim, freqs
+        self.alpha, self.window, self.anchors = alpha, window, anchors
+        self.edge_dim, self.freqs = edge_dim, freqs
         self.edge_content = _PairContent(dim, edge_dim)
         self.edge_mlp = nn.Sequential(nn.Linear(2 + 4 * freqs, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
