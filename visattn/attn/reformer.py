@@ -163,30 +163,64 @@ class Reformer(AttnBlock):
             buckets = buckets.masked_fill(pos >= n, nb)  # padding: a bucket of its own, sorted last
             perm, inv = sort_with_inverse(buckets * n_pad + pos)
             qpos = perm.unflatten(-1, (nc, m))  # raster position of each sorted slot
-            kpos = _look_back(qpos, 3, back)
-            # Chunk code per token: its chunk, or (bucket, block of m ranks in the bucket) when causal.
-            codes, nexts = self._codes(buckets, inv, m, nb)
-            scodes = codes.gather(-1, perm).unflatten(-1, (nc, m))
-            snexts = nexts.gather(-1, perm).unflatten(-1, (nc, m))
-            bias = self._bias(qpos, kpos, scodes, _look_back(scodes, 3, back), _look_back(snexts, 3, back), n)
-            if not (self.allow_duplicates or self.n_hashes == 1):
-                bias = bias - self._counts(codes, nexts, qpos, back).log_()
+            kpos = _look_back(qpos, 3, back)  # raster position of each key of each chunk's window
+            penalty = self._penalty(buckets, inv, qpos, kpos, m, nb, back, n)
 
         sq = gather_tokens(qk, perm).unflatten(3, (nc, m))  # (b, h, R, nc, m, d)
         # The padding keys are zero vectors: F.normalize's default eps (1e-12) is 0 in float16, giving 0/0.
         eps = max(1e-12, torch.finfo(qk.dtype).tiny)
-        sk = _look_back(gather_tokens(F.normalize(qk, dim=-1, eps=eps), perm).unflatten(3, (nc, m)), 3, back)
-        sv = _look_back(gather_tokens(v, perm).unflatten(3, (nc, m)), 3, back)
+        # Keys and values of each window gathered at once (one copy, one index_add in backward).
+        sk = gather_tokens(F.normalize(qk, dim=-1, eps=eps), kpos)  # (b, h, R, nc, w, d)
+        sv = gather_tokens(v, kpos)
         if torch.finfo(qk.dtype).max < 2 * SELF_PENALTY:
-            # float16 has no -1e5: saturate the finite penalties (-inf stays -inf), else a query whose
+            # float16 has no 1e5: saturate the finite penalties (inf stays inf), else a query whose
             # only key is its own gets a row of -inf and a NaN output.
-            bias = torch.where(bias.isinf(), bias, bias.clamp_min(torch.finfo(qk.dtype).min / 2))
-        dots = sq @ sk.transpose(-1, -2) + bias.to(qk.dtype)  # (b, h, R, nc, m, w)
+            penalty = torch.where(penalty.isinf(), penalty, penalty.clamp_max(torch.finfo(qk.dtype).max / 2))
+        # logits - penalty in the matmul's epilogue (beta = -1): no separate pass over the logits.
+        w = kpos.shape[-1]
+        dots = torch.baddbmm(
+            penalty.to(qk.dtype).expand(*sq.shape[:-2], m, w).flatten(0, -3),
+            sq.flatten(0, -3),
+            sk.flatten(0, -3).transpose(-1, -2),
+            beta=-1,
+        ).view(*sq.shape[:-2], m, w)  # (b, h, R, nc, m, w)
         out, lse = attend_lse(dots, sv)
         out = gather_tokens(out.flatten(3, 4), inv)  # unsort
         out = merge_rounds(out, lse.flatten(3).gather(-1, inv), dim=2)[:, :, :n]
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
         return x + to_map(out, height, width)
+
+    def _penalty(self, buckets, inv, qpos, kpos, m: int, nb: int, back: int, n: int) -> torch.Tensor:
+        """What to subtract from the logits, (b, h, R, nc, m, w) or a broadcastable (m, w): inf for keys
+        outside the window, masked or padded; log N_ij for the rounds' de-duplication; 1e5 on the query's
+        own key (slot i of its own chunk, the first m keys of its window)."""
+        w = kpos.shape[-1]
+        dedup = not (self.allow_duplicates or self.n_hashes == 1)
+        # The paper's chunked window with nothing to mask (no padding, across buckets, not causal) needs
+        # no code comparison: every key of the two chunks is allowed.
+        masked = self.causal or not self.attend_across_buckets or buckets.shape[-1] > n
+        if dedup or masked:
+            codes, nexts = self._codes(buckets, inv, m, nb)
+        if dedup:
+            penalty = self._counts(codes, nexts, qpos, back).float().log_()
+        else:
+            penalty = torch.zeros(m, w, device=qpos.device)
+        if masked:
+            allowed = (kpos < n).unsqueeze(-2)
+            if self.causal:
+                allowed = allowed & (kpos.unsqueeze(-2) <= qpos.unsqueeze(-1))
+            if self.causal or not self.attend_across_buckets:
+                # Codes of round r at the sorted slots of round r.
+                scodes, snexts = (c.gather(-1, qpos.flatten(-2)).view_as(qpos) for c in (codes, nexts))
+                q = scodes.unsqueeze(-1)
+                kcodes, knexts = _look_back(scodes, 3, back), _look_back(snexts, 3, back)
+                allowed = allowed & ((q == kcodes.unsqueeze(-2)) | (q == knexts.unsqueeze(-2)))
+            # The own key stays allowed (at 1e5): it is the last resort of a query with nothing else.
+            own = torch.eye(m, w, dtype=torch.bool, device=qpos.device)
+            penalty = penalty.masked_fill(~(allowed | own), float("inf"))
+        # In place on the (m, w) diagonal of every chunk: m entries, not a pass over all logits.
+        penalty.diagonal(dim1=-2, dim2=-1).add_(SELF_PENALTY)
+        return penalty
 
     def _codes(self, buckets: torch.Tensor, inv: torch.Tensor, m: int, nb: int):
         """Per token and round, small int ``codes`` and ``nexts`` such that key j is in query i's window
@@ -209,43 +243,35 @@ class Reformer(AttnBlock):
         small = torch.int16 if (nb + 2) * blocks < 2**15 else torch.int32
         return codes.to(small), nexts.to(small)
 
-    def _bias(self, qpos, kpos, scodes, kcodes, knexts, n: int) -> torch.Tensor:
-        """Additive (b, h, R, nc, m, w) logit bias: -inf for keys outside the window, masked or padded;
-        -1e5 on the query's own key (slot i of its own chunk, the first m keys of its window)."""
-        m, w = qpos.shape[-1], kpos.shape[-1]
-        allowed = (kpos < n).unsqueeze(-2)
-        if self.causal:
-            allowed = allowed & (kpos.unsqueeze(-2) <= qpos.unsqueeze(-1))
-        if self.causal or not self.attend_across_buckets:
-            q = scodes.unsqueeze(-1)
-            allowed = allowed & ((q == kcodes.unsqueeze(-2)) | (q == knexts.unsqueeze(-2)))
-        own = torch.eye(m, w, dtype=torch.bool, device=qpos.device)
-        bias = torch.zeros((), device=qpos.device).masked_fill(~(allowed | own), float("-inf"))
-        return bias - own * SELF_PENALTY
-
     def _counts(
         self, codes: torch.Tensor, nexts: torch.Tensor, qpos: torch.Tensor, back: int
     ) -> torch.Tensor:
-        """N_ij: the number of rounds in which key j lies in query i's window, per (query, key) slot
-        (at least 1, so that log N is finite where the bias already excludes the key)."""
-        flat = qpos.flatten(2)
-        w = qpos.shape[-1] * (back + 1)
+        """N_ij: the number of rounds in which key j lies in query i's window, per (query, key) slot,
+        exact for the keys the window allows (the others are masked, and hold any count >= 1)."""
+        rounds, w = qpos.shape[2], qpos.shape[-1] * (back + 1)
         # Byte counters and a reused buffer: these accumulating passes are the cost of de-duplication.
         count_dtype = torch.uint8 if self.n_hashes < 256 else torch.int32
-        counts = torch.zeros(*qpos.shape, w, dtype=count_dtype, device=qpos.device)
+        # Every allowed key is in the window of the round that placed it there: that round counts 1
+        # without a comparison, and only the other rounds are compared.
+        counts = torch.ones(*qpos.shape, w, dtype=count_dtype, device=qpos.device)
         hit = torch.empty(counts.shape, dtype=torch.bool, device=qpos.device)
         # A byte view of the hits adds without a cast; exporters have no bit-cast, so they get the cast.
         reinterpret = count_dtype == torch.uint8 and not torch.compiler.is_exporting()
-        hit_count = hit.view(torch.uint8) if reinterpret else hit
         for r in range(self.n_hashes):
-            code_q = codes[:, :, r].gather(-1, flat).view_as(qpos)
-            torch.eq(code_q.unsqueeze(-1), _look_back(code_q, 3, back).unsqueeze(-2), out=hit)
-            counts += hit_count
-            if back:
-                code_next = nexts[:, :, r].gather(-1, flat).view_as(qpos)
-                torch.eq(code_q.unsqueeze(-1), _look_back(code_next, 3, back).unsqueeze(-2), out=hit)
-                counts += hit_count
-        return counts.clamp_min_(1).float()
+            for lo, hi in ((0, r), (r + 1, rounds)):
+                if lo == hi:
+                    continue
+                out = hit[:, :, lo:hi]
+                out_count = out.view(torch.uint8) if reinterpret else out
+                where = qpos[:, :, lo:hi]
+                code_q = codes[:, :, r].gather(-1, where.flatten(2)).view_as(where)
+                torch.eq(code_q.unsqueeze(-1), _look_back(code_q, 3, back).unsqueeze(-2), out=out)
+                counts[:, :, lo:hi] += out_count
+                if back:
+                    code_next = nexts[:, :, r].gather(-1, where.flatten(2)).view_as(where)
+                    torch.eq(code_q.unsqueeze(-1), _look_back(code_next, 3, back).unsqueeze(-2), out=out)
+                    counts[:, :, lo:hi] += out_count
+        return counts
 
     def extra_repr(self) -> str:
         return (
