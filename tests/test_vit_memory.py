@@ -296,3 +296,15 @@ def test_bad_hyperparameters(attn, kwargs, match):
 def test_mixers_are_in_the_vit():
     model = timm.create_model(NAME, attn_layer=mixer_class("memformer", num_slots=4), **TINY)
     assert all(isinstance(b.attn, ViTMixer) and isinstance(b.attn.core, MemformerCore) for b in model.blocks)
+
+
+def test_compressive_error_to_dense_shrinks_with_band_rows(tiny_file, dense, images):
+    """Fewer, taller bands (7, 4, 2 bands on 14 rows, default memories) see more of the grid: closer to dense
+    attention. (Not monotone in band_rows itself: a short last band sees little, e.g. 3 rows = 5 bands.)"""
+    with torch.no_grad():
+        ref = dense(images["224"])
+        errs = [
+            (_build("compressive", tiny_file, band_rows=b)(images["224"]) - ref).square().mean().sqrt().item()
+            for b in (2, 4, 7)
+        ]
+    assert errs[0] > errs[1] > errs[2] > 0, errs
