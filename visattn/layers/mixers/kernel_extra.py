@@ -106,8 +106,10 @@ class DnlCore(MixerCore):
 
     def __init__(self, dim: int, heads: int, *, temperature: float = 1.0) -> None:
         super().__init__(dim, heads)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not (
-            math.isfinite(temperature) and temperature > 0
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not (math.isfinite(temperature) and temperature > 0)
         ):
             raise ValueError(
                 f"dnl (ViT mixer): temperature must be a finite float > 0 (1.0 keeps the pretrained logits' "
