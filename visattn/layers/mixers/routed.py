@@ -236,7 +236,9 @@ class SinkhornCore(MixerCore):
         k_mean = wk.sum(-2) / valid.sum(-1).clamp_min(1).to(wk.dtype).unsqueeze(-1)  # padding is zero
         vmap = rearrange(wv, "b h (Y X) (y x) d -> b (h d) (Y y) (X x)", X=gx, y=p)
         e = block._window_embedding(vmap, valid, gy, gx)  # (b, nW, C)
-        s_q = rearrange(self.sort_net(e), "b w (h d) -> b h w d", h=h)
+        # Under autocast or a model cast as a whole the dtypes agree; a bare mismatch follows the SortNet.
+        s_q = rearrange(self.sort_net(e.to(self.sort_net[0].weight.dtype)), "b w (h d) -> b h w d", h=h)
+        s_q = s_q.to(k_mean.dtype)
         r = F.relu(torch.einsum("bhid,bhjd->bhij", s_q, k_mean) / math.sqrt(d)).float()
         if self.training:
             u = torch.rand_like(r).clamp(1e-6, 1 - 1e-6)
