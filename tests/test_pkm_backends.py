@@ -139,6 +139,23 @@ def test_chunked_gather_equals_one_chunk(monkeypatch):
         torch.testing.assert_close(chunked[2][name], g, rtol=0, atol=1e-7)
 
 
+def test_gather_path_compiles_fullgraph_with_its_backward():
+    """The GPU sweep compiles pkm in bf16, i.e. the gather path: its autograd.Function (forward, chunk
+    loop and backward) traces into one graph, dynamic sizes included, and matches eager."""
+    blocks, x = _pair(torch.float32, b=2, c=16, h=3, w=5, n_keys=5, topk=4, heads=2, k_dim=8)
+    torch._dynamo.reset()
+    compiled = torch.compile(blocks["gather"], backend="aot_eager", fullgraph=True, dynamic=True)
+    for hw in ((3, 5), (4, 6)):
+        x = feature_map(2, 16, *hw, seed=2)
+        ref = _run(blocks["gather"], x)
+        got = _run(compiled, x)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        got_grads = {n.removeprefix("_orig_mod."): g for n, g in got[2].items()}
+        assert got_grads.keys() == ref[2].keys()
+        for name, g in ref[2].items():
+            torch.testing.assert_close(got_grads[name], g, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "device,dtype,expected",
     [
