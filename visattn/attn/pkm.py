@@ -29,9 +29,10 @@ VALUE_READS = ("auto", "bag", "gather")
 # none for that backward ("_embedding_bag_per_sample_weights_backward_cuda" not implemented for 'BFloat16').
 _CUDA_BAG_DTYPES = (torch.float16, torch.float32, torch.float64)
 # Tokens per chunk of the gather path are chosen so that one chunk's gathered rows (tokens x slots x C)
-# stay under this many elements: the read never materialises all M·k·C rows at once (2 GiB in bf16 at
-# B=2, C=256, 128x128, heads·topk = 128), so its peak memory stays near the EmbeddingBag path's.
-_GATHER_CHUNK_ELEMENTS = 1 << 24
+# stay under this many elements (128 MiB in bf16; the backward's fp32 products 256 MiB): all M·k·C rows
+# at once would be 2 GiB in bf16 at B=2, C=256, 128x128, heads·topk = 128. Larger chunks mean fewer
+# kernel launches (16 chunks at that size), smaller ones a lower peak.
+_GATHER_CHUNK_ELEMENTS = 1 << 26
 
 
 def _value_read_backend(device, dtype: torch.dtype, setting: str = "auto") -> str:
