@@ -56,9 +56,18 @@ X = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
 X_ODD = torch.randn(1, 3, 50, 70, generator=torch.Generator().manual_seed(1))
 
 
+# Settings under which every new parameter of the method is used on the 4 x 6 patch grid of X (at the
+# defaults, sinkhorn's one 8-patch window needs no sort and compressive's two bands no compressed memory).
+SMALL_GRID = {
+    "sinkhorn": {"window_size": 2},
+    "compressive": {"band_rows": 1, "mem_rows": 1, "cmem_rows": 1, "compression": 2},
+}
+
+
 @pytest.mark.parametrize("attn", [None, *visattn.list_attns(vit=True)])
 def test_every_mixer_segments_forward_backward(attn):
-    model = _seg(attn).train()
+    extra = {"backbone_attn_kwargs": SMALL_GRID[attn]} if attn in SMALL_GRID else {}
+    model = _seg(attn, **extra).train()
     assert sum(isinstance(m, ViTMixer) for m in model.modules()) == (0 if attn is None else 2)
     out = model(X)
     assert set(out) == {"out", "aux"} and all(v.shape == (2, 3, 64, 96) for v in out.values())
