@@ -480,7 +480,8 @@ def create_vit(
 ) -> nn.Module:
     """timm's ViT ``backbone`` whose attention layers run block ``attn`` (see :func:`mixer_class`); the
     route ``visattn.create_model`` takes for the ViT family. ``pretrained=True`` loads timm's weights into
-    the mixers (timm's names) strictly; the method's new parameters are listed in one log line."""
+    the mixers (timm's names; every key of timm's checkpoint, and the only keys left out are the method's
+    new parameters); those are listed in one log line."""
     import timm
 
     family = model_family(backbone)
