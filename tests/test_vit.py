@@ -317,12 +317,21 @@ def test_cnn_path_unchanged():
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
-def test_vit_create_model_result_round_trips_through_local_dir(tmp_path, images):
+@pytest.mark.parametrize(
+    "attn, attn_kwargs", [("longformer", dict(kernel_size=5)), ("linformer", dict(k=16)), ("routing", {})]
+)
+def test_vit_create_model_result_round_trips_through_local_dir(tmp_path, images, attn, attn_kwargs):
     """save_pretrained takes a ViT built by visattn.create_model (before, its ViT branch returned before
-    the arguments were recorded, and the save was refused), and local-dir: rebuilds it bit for bit."""
+    the arguments were recorded, and the save was refused), and local-dir: rebuilds it bit for bit, the
+    method's own parameters (linformer's E/F) and buffers (routing's centroids) included."""
     from visattn.models.hf import save_pretrained
 
-    model = visattn.create_model(NAME, "longformer", attn_kwargs=dict(kernel_size=5), **TINY).eval()
+    model = visattn.create_model(NAME, attn, attn_kwargs=attn_kwargs, **TINY).eval()
+    if attn != "longformer":  # trained-looking state, not what a fresh build would draw
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                if t.is_floating_point():
+                    t.add_(0.01 * torch.randn_like(t))
     save_pretrained(model, tmp_path / "vit")
     again = visattn.create_model(f"local-dir:{tmp_path / 'vit'}").eval()
     with torch.no_grad():
