@@ -58,8 +58,9 @@ class _GatherWeightedSum(torch.autograd.Function):
     """``out[m] = sum_j w[m, j] · table[slots[m, j]]``: EmbeddingBag(mode="sum") with per-sample weights,
     built from gathers and batched matmuls, which have kernels for every dtype and device.
 
-    Only ``slots`` and ``w`` are saved (as EmbeddingBag saves); the gathered rows are rebuilt chunk by
-    chunk in backward instead of being kept, so the activation memory matches EmbeddingBag's. The
+    Besides the table (a parameter), only ``slots`` and ``w`` are saved, as EmbeddingBag saves: the
+    gathered rows are rebuilt chunk by chunk in backward instead of being kept (plain autograd through
+    the gather would keep all M·k·C of them), so the activation memory matches EmbeddingBag's. The
     table's gradient is summed in at least float32 (a slot read by many tokens would lose its small
     contributions in a bf16 sum) and, with ``sparse=True``, returned as a sparse COO tensor as
     ``nn.Embedding`` does.
