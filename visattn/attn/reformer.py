@@ -169,9 +169,10 @@ class Reformer(AttnBlock):
         sq = gather_tokens(qk, perm).unflatten(3, (nc, m))  # (b, h, R, nc, m, d)
         # The padding keys are zero vectors: F.normalize's default eps (1e-12) is 0 in float16, giving 0/0.
         eps = max(1e-12, torch.finfo(qk.dtype).tiny)
-        # Keys and values of each window gathered at once (one copy, one index_add in backward).
-        sk = gather_tokens(F.normalize(qk, dim=-1, eps=eps), kpos)  # (b, h, R, nc, w, d)
-        sv = gather_tokens(v, kpos)
+        # Sorted once, then each chunk's predecessors appended by copies: an index_select straight
+        # from kpos would double the rows of its backward's index_add, which costs more than the copies.
+        sk = _look_back(gather_tokens(F.normalize(qk, dim=-1, eps=eps), perm).unflatten(3, (nc, m)), 3, back)
+        sv = _look_back(gather_tokens(v, perm).unflatten(3, (nc, m)), 3, back)  # (b, h, R, nc, w, d)
         if torch.finfo(qk.dtype).max < 2 * SELF_PENALTY:
             # float16 has no 1e5: saturate the finite penalties (inf stays inf), else a query whose
             # only key is its own gets a row of -inf and a NaN output.
@@ -202,7 +203,8 @@ class Reformer(AttnBlock):
         if dedup or masked:
             codes, nexts = self._codes(buckets, inv, m, nb)
         if dedup:
-            penalty = self._counts(codes, nexts, qpos, back).float().log_()
+            counts = self._counts(codes, nexts, qpos, back)
+            penalty = counts.to(torch.float32, memory_format=torch.contiguous_format).log_()
         else:
             penalty = torch.zeros(m, w, device=qpos.device)
         if masked:
@@ -218,6 +220,8 @@ class Reformer(AttnBlock):
             # The own key stays allowed (at 1e5): it is the last resort of a query with nothing else.
             own = torch.eye(m, w, dtype=torch.bool, device=qpos.device)
             penalty = penalty.masked_fill(~(allowed | own), float("inf"))
+        if torch.compiler.is_exporting():  # the ONNX decomposition needs a functional graph
+            return penalty + SELF_PENALTY * torch.eye(m, w, device=qpos.device)
         # In place on the (m, w) diagonal of every chunk: m entries, not a pass over all logits.
         penalty.diagonal(dim1=-2, dim2=-1).add_(SELF_PENALTY)
         return penalty
@@ -250,28 +254,34 @@ class Reformer(AttnBlock):
         exact for the keys the window allows (the others are masked, and hold any count >= 1)."""
         rounds, w = qpos.shape[2], qpos.shape[-1] * (back + 1)
         # Byte counters and a reused buffer: these accumulating passes are the cost of de-duplication.
+        # Rounds first, so that the slices of the loop below are contiguous (no copies).
         count_dtype = torch.uint8 if self.n_hashes < 256 else torch.int32
         # Every allowed key is in the window of the round that placed it there: that round counts 1
         # without a comparison, and only the other rounds are compared.
-        counts = torch.ones(*qpos.shape, w, dtype=count_dtype, device=qpos.device)
+        counts = torch.ones(
+            rounds, *qpos.shape[:2], *qpos.shape[3:], w, dtype=count_dtype, device=qpos.device
+        )
         hit = torch.empty(counts.shape, dtype=torch.bool, device=qpos.device)
         # A byte view of the hits adds without a cast; exporters have no bit-cast, so they get the cast.
         reinterpret = count_dtype == torch.uint8 and not torch.compiler.is_exporting()
         for r in range(self.n_hashes):
+            code_r, next_r = codes[:, :, r], nexts[:, :, r]
             for lo, hi in ((0, r), (r + 1, rounds)):
                 if lo == hi:
                     continue
-                out = hit[:, :, lo:hi]
+                out = hit[lo:hi]
                 out_count = out.view(torch.uint8) if reinterpret else out
-                where = qpos[:, :, lo:hi]
-                code_q = codes[:, :, r].gather(-1, where.flatten(2)).view_as(where)
+                # Round r's codes at the sorted slots of rounds lo..hi-1, rounds first.
+                where = qpos[:, :, lo:hi].flatten(2)
+                code_q = code_r.gather(-1, where).view_as(qpos[:, :, lo:hi]).movedim(2, 0)
                 torch.eq(code_q.unsqueeze(-1), _look_back(code_q, 3, back).unsqueeze(-2), out=out)
-                counts[:, :, lo:hi] += out_count
+                counts[lo:hi] += out_count
                 if back:
-                    code_next = nexts[:, :, r].gather(-1, where.flatten(2)).view_as(where)
+                    code_next = next_r.gather(-1, where).view_as(qpos[:, :, lo:hi]).movedim(2, 0)
                     torch.eq(code_q.unsqueeze(-1), _look_back(code_next, 3, back).unsqueeze(-2), out=out)
-                    counts[:, :, lo:hi] += out_count
-        return counts
+                    counts[lo:hi] += out_count
+        # (b, h, R, nc, m, w) view of the rounds-first counters: the caller's float copy makes it contiguous.
+        return counts.movedim(0, 2)
 
     def extra_repr(self) -> str:
         return (
