@@ -137,6 +137,13 @@ CASES = [
     ("one-chunk", {"n_hashes": 3}, (5, 7)),
     ("factorised", {"n_buckets": 256, "chunk_size": 4, "n_hashes": 2}, (10, 10)),
     ("causal-odd", {"causal": True, "n_hashes": 4, "chunk_size": 16}, (11, 13)),
+    # codes too large for bytes: int16 (bucket-aligned windows, many buckets) and int32
+    (
+        "int16-codes",
+        {"attend_across_buckets": False, "n_buckets": 64, "chunk_size": 4, "n_hashes": 3},
+        (9, 9),
+    ),
+    ("int32-codes", {"causal": True, "n_buckets": 4096, "chunk_size": 4, "n_hashes": 2}, (16, 16)),
 ]
 
 

@@ -243,8 +243,13 @@ class Reformer(AttnBlock):
             nc = n_pad // m
             codes = chunks if self.attend_across_buckets else buckets * blocks + chunks
             nexts = codes - chunks + torch.where(chunks + 1 == nc, 0, chunks + 1)  # (chunks + 1) % nc
-        # Small integer codes keep the pairwise passes (the cost of de-duplication) cheap.
-        small = torch.int16 if (nb + 2) * blocks < 2**15 else torch.int32
+        # Small integer codes keep the pairwise passes (the cost of de-duplication) cheap; bytes where
+        # they fit (the chunk ids of the paper's window), which also hold the per-pair round counts.
+        bound = blocks if not self.causal and self.attend_across_buckets else (nb + 2) * blocks
+        if bound <= 256 and self.n_hashes < 256:
+            small = torch.uint8
+        else:
+            small = torch.int16 if bound < 2**15 and self.n_hashes < 2**15 else torch.int32
         return codes.to(small), nexts.to(small)
 
     def _counts(
@@ -253,33 +258,32 @@ class Reformer(AttnBlock):
         """N_ij: the number of rounds in which key j lies in query i's window, per (query, key) slot,
         exact for the keys the window allows (the others are masked, and hold any count >= 1)."""
         rounds, w = qpos.shape[2], qpos.shape[-1] * (back + 1)
-        # Byte counters and a reused buffer: these accumulating passes are the cost of de-duplication.
-        # Rounds first, so that the slices of the loop below are contiguous (no copies).
-        count_dtype = torch.uint8 if self.n_hashes < 256 else torch.int32
-        # Every allowed key is in the window of the round that placed it there: that round counts 1
-        # without a comparison, and only the other rounds are compared.
-        counts = torch.ones(
-            rounds, *qpos.shape[:2], *qpos.shape[3:], w, dtype=count_dtype, device=qpos.device
+        # Counters in the codes' dtype (bytes for the paper's window), rounds first, so that the slices of
+        # the loop below are contiguous. Every allowed key is in the window of the round that placed it
+        # there, and can be in every other round's: start at n_hashes and subtract the other rounds' misses.
+        counts = torch.full(
+            (rounds, *qpos.shape[:2], *qpos.shape[3:], w), rounds, dtype=codes.dtype, device=qpos.device
         )
-        hit = torch.empty(counts.shape, dtype=torch.bool, device=qpos.device)
-        # A byte view of the hits adds without a cast; exporters have no bit-cast, so they get the cast.
-        reinterpret = count_dtype == torch.uint8 and not torch.compiler.is_exporting()
+        # A comparison writes bools, several times slower on CPU than an xor, min or clamp that keeps the
+        # dtype: key j misses query i in round r iff both code_q ^ code_j and code_q ^ next_j are non-zero.
+        miss, other = torch.empty_like(counts), torch.empty_like(counts)
         for r in range(self.n_hashes):
             code_r, next_r = codes[:, :, r], nexts[:, :, r]
             for lo, hi in ((0, r), (r + 1, rounds)):
                 if lo == hi:
                     continue
-                out = hit[lo:hi]
-                out_count = out.view(torch.uint8) if reinterpret else out
                 # Round r's codes at the sorted slots of rounds lo..hi-1, rounds first.
                 where = qpos[:, :, lo:hi].flatten(2)
-                code_q = code_r.gather(-1, where).view_as(qpos[:, :, lo:hi]).movedim(2, 0)
-                torch.eq(code_q.unsqueeze(-1), _look_back(code_q, 3, back).unsqueeze(-2), out=out)
-                counts[lo:hi] += out_count
+                code_q = code_r.gather(-1, where).view_as(qpos[:, :, lo:hi]).movedim(2, 0).unsqueeze(-1)
+                out = miss[lo:hi]
+                torch.bitwise_xor(code_q, _look_back(code_q.squeeze(-1), 3, back).unsqueeze(-2), out=out)
                 if back:
                     code_next = next_r.gather(-1, where).view_as(qpos[:, :, lo:hi]).movedim(2, 0)
-                    torch.eq(code_q.unsqueeze(-1), _look_back(code_next, 3, back).unsqueeze(-2), out=out)
-                    counts[lo:hi] += out_count
+                    xor_next = torch.bitwise_xor(
+                        code_q, _look_back(code_next, 3, back).unsqueeze(-2), out=other[lo:hi]
+                    )
+                    torch.minimum(out, xor_next, out=out)
+                counts[lo:hi] -= out.clamp_max_(1)
         # (b, h, R, nc, m, w) view of the rounds-first counters: the caller's float copy makes it contiguous.
         return counts.movedim(0, 2)
 
