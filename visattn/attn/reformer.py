@@ -179,12 +179,9 @@ class Reformer(AttnBlock):
             penalty = torch.where(penalty.isinf(), penalty, penalty.clamp_max(torch.finfo(qk.dtype).max / 2))
         # logits - penalty in the matmul's epilogue (beta = -1): no separate pass over the logits.
         w = kpos.shape[-1]
-        dots = torch.baddbmm(
-            penalty.to(qk.dtype).expand(*sq.shape[:-2], m, w).flatten(0, -3),
-            sq.flatten(0, -3),
-            sk.flatten(0, -3).transpose(-1, -2),
-            beta=-1,
-        ).view(*sq.shape[:-2], m, w)  # (b, h, R, nc, m, w)
+        penalty = penalty.to(qk.dtype).expand(*sq.shape[:-2], m, w).flatten(0, -3)
+        dots = torch.baddbmm(penalty, sq.flatten(0, -3), sk.flatten(0, -3).transpose(-1, -2), beta=-1)
+        dots = dots.view(*sq.shape[:-2], m, w)  # (b, h, R, nc, m, w)
         out, lse = attend_lse(dots, sv)
         out = gather_tokens(out.flatten(3, 4), inv)  # unsort
         out = merge_rounds(out, lse.flatten(3).gather(-1, inv), dim=2)[:, :, :n]
@@ -204,7 +201,8 @@ class Reformer(AttnBlock):
             codes, nexts = self._codes(buckets, inv, m, nb)
         if dedup:
             counts = self._counts(codes, nexts, qpos, back)
-            penalty = counts.to(torch.float32, memory_format=torch.contiguous_format).log_()
+            # Into a fresh float buffer, then the log in place: the buffer becomes the logits below.
+            penalty = torch.empty(counts.shape, device=counts.device).copy_(counts).log_()
         else:
             penalty = torch.zeros(m, w, device=qpos.device)
         if masked:
@@ -258,12 +256,10 @@ class Reformer(AttnBlock):
         """N_ij: the number of rounds in which key j lies in query i's window, per (query, key) slot,
         exact for the keys the window allows (the others are masked, and hold any count >= 1)."""
         rounds, w = qpos.shape[2], qpos.shape[-1] * (back + 1)
-        # Counters in the codes' dtype (bytes for the paper's window), rounds first, so that the slices of
-        # the loop below are contiguous. Every allowed key is in the window of the round that placed it
-        # there, and can be in every other round's: start at n_hashes and subtract the other rounds' misses.
-        counts = torch.full(
-            (rounds, *qpos.shape[:2], *qpos.shape[3:], w), rounds, dtype=codes.dtype, device=qpos.device
-        )
+        # Counters in the codes' dtype (bytes for the paper's window). Every allowed key is in the window
+        # of the round that placed it there, and can be in every other round's: start at n_hashes and
+        # subtract the other rounds' misses (no comparison for the own round).
+        counts = torch.full((*qpos.shape, w), rounds, dtype=codes.dtype, device=qpos.device)
         # A comparison writes bools, several times slower on CPU than an xor, min or clamp that keeps the
         # dtype: key j misses query i in round r iff both code_q ^ code_j and code_q ^ next_j are non-zero.
         miss, other = torch.empty_like(counts), torch.empty_like(counts)
@@ -272,20 +268,21 @@ class Reformer(AttnBlock):
             for lo, hi in ((0, r), (r + 1, rounds)):
                 if lo == hi:
                     continue
-                # Round r's codes at the sorted slots of rounds lo..hi-1, rounds first.
-                where = qpos[:, :, lo:hi].flatten(2)
-                code_q = code_r.gather(-1, where).view_as(qpos[:, :, lo:hi]).movedim(2, 0).unsqueeze(-1)
-                out = miss[lo:hi]
-                torch.bitwise_xor(code_q, _look_back(code_q.squeeze(-1), 3, back).unsqueeze(-2), out=out)
+                # Round r's codes at the sorted slots of rounds lo..hi-1.
+                where = qpos[:, :, lo:hi]
+                code_q = code_r.gather(-1, where.flatten(2)).view_as(where)
+                out = miss[:, :, lo:hi]
+                torch.bitwise_xor(code_q.unsqueeze(-1), _look_back(code_q, 3, back).unsqueeze(-2), out=out)
                 if back:
-                    code_next = next_r.gather(-1, where).view_as(qpos[:, :, lo:hi]).movedim(2, 0)
+                    code_next = next_r.gather(-1, where.flatten(2)).view_as(where)
                     xor_next = torch.bitwise_xor(
-                        code_q, _look_back(code_next, 3, back).unsqueeze(-2), out=other[lo:hi]
+                        code_q.unsqueeze(-1),
+                        _look_back(code_next, 3, back).unsqueeze(-2),
+                        out=other[:, :, lo:hi],
                     )
                     torch.minimum(out, xor_next, out=out)
-                counts[lo:hi] -= out.clamp_max_(1)
-        # (b, h, R, nc, m, w) view of the rounds-first counters: the caller's float copy makes it contiguous.
-        return counts.movedim(0, 2)
+                counts[:, :, lo:hi] -= out.clamp_max_(1)
+        return counts
 
     def extra_repr(self) -> str:
         return (
