@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import visattn
-from visattn.attn.reformer import SELF_PENALTY, _look_back
+from visattn.attn.reformer import SELF_PENALTY
 from visattn.layers import to_map, to_tokens
 from visattn.layers.hashing import (
     angular_buckets,
@@ -36,6 +36,12 @@ def _assert_equal_to_rounding(name, new, ref):
     err = (new - ref).abs().max()
     assert err <= REL * scale, f"{name}: max |new - ref| = {err:.3g} > {REL:g} * {scale:.3g}"
     assert new.isfinite().all() == ref.isfinite().all(), name
+
+
+def _look_back(x, chunk_dim, back):
+    if back == 0:
+        return x
+    return torch.cat([x] + [x.roll(k, dims=chunk_dim) for k in range(1, back + 1)], dim=chunk_dim + 1)
 
 
 def _old_codes(block, buckets, inv, m, nb):

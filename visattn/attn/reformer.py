@@ -263,6 +263,8 @@ class Reformer(AttnBlock):
         # A comparison writes bools, several times slower on CPU than an xor, min or clamp that keeps the
         # dtype: key j misses query i in round r iff both code_q ^ code_j and code_q ^ next_j are non-zero.
         miss, other = torch.empty_like(counts), torch.empty_like(counts)
+        # Reused buffers in eager; compilers and exporters take no strided ``out=``, and allocate.
+        eager = not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
         for r in range(self.n_hashes):
             code_r, next_r = codes[:, :, r], nexts[:, :, r]
             for lo, hi in ((0, r), (r + 1, rounds)):
@@ -271,16 +273,16 @@ class Reformer(AttnBlock):
                 # Round r's codes at the sorted slots of rounds lo..hi-1.
                 where = qpos[:, :, lo:hi]
                 code_q = code_r.gather(-1, where.flatten(2)).view_as(where)
-                out = miss[:, :, lo:hi]
-                torch.bitwise_xor(code_q.unsqueeze(-1), _look_back(code_q, 3, back).unsqueeze(-2), out=out)
+                out = miss[:, :, lo:hi] if eager else None
+                keys = _look_back(code_q, 3, back).unsqueeze(-2)
+                out = torch.bitwise_xor(code_q.unsqueeze(-1), keys, out=out)
                 if back:
                     code_next = next_r.gather(-1, where.flatten(2)).view_as(where)
+                    keys = _look_back(code_next, 3, back).unsqueeze(-2)
                     xor_next = torch.bitwise_xor(
-                        code_q.unsqueeze(-1),
-                        _look_back(code_next, 3, back).unsqueeze(-2),
-                        out=other[:, :, lo:hi],
+                        code_q.unsqueeze(-1), keys, out=other[:, :, lo:hi] if eager else None
                     )
-                    torch.minimum(out, xor_next, out=out)
+                    out = torch.minimum(out, xor_next, out=out if eager else None)
                 counts[:, :, lo:hi] -= out.clamp_max_(1)
         return counts
 
@@ -296,4 +298,13 @@ def _look_back(x: torch.Tensor, chunk_dim: int, back: int) -> torch.Tensor:
     ``chunk_dim + 1``; wrapped chunks are excluded by the masks (later in the sort, other buckets)."""
     if back == 0:
         return x
-    return torch.cat([x] + [x.roll(k, dims=chunk_dim) for k in range(1, back + 1)], dim=chunk_dim + 1)
+    nc = x.shape[chunk_dim]
+    chunk = torch.arange(nc, device=x.device)
+    # One index_select of whole chunks (rows [c, c-1, ...]): a single copy, and a backward that adds
+    # whole chunks, where rolls and a concatenation copy the windows several times.
+    order = torch.stack([(chunk + nc - k) % nc for k in range(back + 1)], dim=1).flatten()
+    return (
+        x.index_select(chunk_dim, order)
+        .unflatten(chunk_dim, (nc, back + 1))
+        .flatten(chunk_dim + 1, chunk_dim + 2)
+    )
