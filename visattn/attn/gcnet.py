@@ -8,11 +8,78 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from einops import rearrange
 from timm.layers import make_divisible
 
 from ..layers import AttnBlock, factory_kwargs
 from ..registry import register_attn
+
+
+def use_fused_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the hand-written backward applies: eager autograd without autocast.
+
+    Compiled and exported graphs fuse the plain ops themselves, and under autocast the plain ops pick
+    their own dtypes; both keep the reference path (the one the equivalence tests compare against).
+    """
+    return (
+        torch.is_grad_enabled()
+        and (x.requires_grad or weight.requires_grad)
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled(x.device.type)
+    )
+
+
+class _ContextPool(torch.autograd.Function):
+    """Attention pooling ``context = x · softmax(w ⋆ x + b)`` with a backward that touches x twice.
+
+    Plain autograd gives x three full-size gradients (the residual's, the pooling's outer product and the
+    1x1 logits conv's) and sums them with two more full-size adds. Here the function also returns ``x``
+    itself (an alias the caller adds the transform to), so its backward receives the residual gradient
+    too and writes x's whole gradient in one batched rank-2 update: ``g + [g_ctx, w] @ [p; g_logits]``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        bsz, channels, height, width = x.shape
+        # The same ops as the reference path, so the forward values are bit-identical.
+        logits = F.conv2d(x, weight, bias)
+        p = logits.reshape(bsz, height * width, 1).softmax(dim=1)
+        xf = x.reshape(bsz, channels, height * width)
+        context = torch.bmm(xf, p)  # (B, C, 1)
+        ctx.save_for_backward(xf, weight, p)
+        ctx.has_bias, ctx.hw = bias is not None, (height, width)
+        ctx.set_materialize_grads(False)
+        return context, x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g_ctx: torch.Tensor | None, g_x: torch.Tensor | None):
+        xf, weight, p = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        bsz, channels, n = xf.shape
+        grad_x = grad_w = grad_b = None
+        if g_ctx is None:
+            # Only the alias was used: x's gradient is the residual's.
+            if need_x and g_x is not None:
+                grad_x = g_x
+            return grad_x, grad_w, grad_b
+        # Softmax backward over the pixels: d logits = p * (x^T g_ctx - sum(p * x^T g_ctx)).
+        s = torch.bmm(xf.transpose(1, 2), g_ctx)  # (B, N, 1)
+        ps = p * s
+        g_logits = ps - p * ps.sum(dim=1, keepdim=True)
+        if need_w:
+            grad_w = torch.bmm(xf, g_logits).sum(0).view_as(weight)
+        if need_b and ctx.has_bias:
+            grad_b = g_logits.sum().reshape(1)
+        if need_x:
+            left = torch.cat([g_ctx, weight.reshape(1, channels, 1).expand(bsz, -1, -1)], dim=2)
+            right = torch.cat([p, g_logits], dim=2).transpose(1, 2)  # (B, 2, N)
+            if g_x is None:
+                grad_x = torch.bmm(left, right)
+            else:
+                grad_x = torch.baddbmm(g_x.reshape(bsz, channels, n), left, right)
+            grad_x = grad_x.view(bsz, channels, *ctx.hw)
+        return grad_x, grad_w, grad_b
 
 
 @register_attn(
@@ -57,6 +124,9 @@ class GlobalContextBlock(AttnBlock):
         nn.init.zeros_(self.transform[-1].bias)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights = rearrange(self.attn_logits(x), "b 1 h w -> b (h w) 1").softmax(dim=1)
-        context = torch.bmm(rearrange(x, "b c h w -> b c (h w)"), weights)  # (B, C, 1)
+        if use_fused_backward(x, self.attn_logits.weight):
+            context, x = _ContextPool.apply(x, self.attn_logits.weight, self.attn_logits.bias)
+        else:
+            weights = rearrange(self.attn_logits(x), "b 1 h w -> b (h w) 1").softmax(dim=1)
+            context = torch.bmm(rearrange(x, "b c h w -> b c (h w)"), weights)  # (B, C, 1)
         return x + self.transform(context.unsqueeze(-1))
