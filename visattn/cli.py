@@ -74,6 +74,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     _check_blocks(names)
     if args.vs_dense and args.peers:
         raise ValueError("--vs-dense and --peers are separate runs: drop one of them (run the other after)")
+    if args.compiled and (args.vs_dense or args.peers):
+        other = "--vs-dense" if args.vs_dense else "--peers"
+        raise ValueError(f"--compiled and {other} are separate runs: drop one of them (run the other after)")
     if args.plot:
         import importlib.util
 
@@ -112,6 +115,31 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
             print(f"wrote {plot_vs_dense(vs_rows, args.plot)}")
         return 0 if all(r.status == "ok" for r in vs_rows) else 1
+    if args.compiled:
+        from .bench import compiled, vs_dense
+
+        c_rows = compiled.sweep_compiled(
+            names,
+            sizes,
+            batch=batch,
+            channels=channels,
+            dtypes=dtypes,
+            device=args.device,
+            rounds=args.rounds,
+            backend=args.backend,
+            min_time=min_run,
+            progress=not args.no_progress,
+        )
+        print(
+            "eager vs torch.compile(fullgraph=True), forward+backward (ratio compiled/eager, < 1: compiling pays):"
+        )
+        print(compiled.format_compiled(c_rows))
+        if args.csv:
+            compiled.write_compiled_csv(c_rows, args.csv)
+        if args.json:
+            meta = {"machine": vs_dense.machine_description(args.device), "load": vs_dense.load_average()}
+            compiled.write_compiled_json(c_rows, args.json, meta=meta)
+        return 0 if all(r.status == "ok" for r in c_rows) else 1
     rows = runner.run_sweep(
         names,
         sizes,
@@ -268,7 +296,22 @@ def build_parser() -> argparse.ArgumentParser:
         "and the crossover side over the square --sizes",
     )
     p.add_argument(
-        "--rounds", type=positive_int, default=3, help="--vs-dense: interleaved rounds (median ratio)"
+        "--compiled",
+        action="store_true",
+        help="time each block eager and under torch.compile(fullgraph=True) (same instance and input), with the "
+        "compile time, graph breaks and max |compiled - eager| of output and input gradient",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["inductor", "aot_eager", "eager"],
+        default="inductor",
+        help="--compiled: torch.compile backend",
+    )
+    p.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="--vs-dense, --compiled: interleaved rounds (median ratio)",
     )
     p.add_argument("--csv", type=writable_file, help="write the rows as CSV")
     p.add_argument("--json", type=writable_file, help="write the rows as JSON")
