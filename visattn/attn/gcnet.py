@@ -63,10 +63,10 @@ class _ContextPool(torch.autograd.Function):
             if need_x and g_x is not None:
                 grad_x = g_x
             return grad_x, grad_w, grad_b
-        # Softmax backward over the pixels: d logits = p * (x^T g_ctx - sum(p * x^T g_ctx)).
-        s = torch.bmm(xf.transpose(1, 2), g_ctx)  # (B, N, 1)
-        ps = p * s
-        g_logits = ps - p * ps.sum(dim=1, keepdim=True)
+        # The gradients of the softmax and the logits with the kernels plain autograd uses (the bias's
+        # gradient is zero up to rounding, softmax being shift-invariant: this keeps that rounding).
+        g_p = torch.bmm(xf.transpose(1, 2), g_ctx)  # (B, N, 1)
+        g_logits = torch.ops.aten._softmax_backward_data(g_p, p, 1, p.dtype)
         if need_w:
             grad_w = torch.bmm(xf, g_logits).sum(0).view_as(weight)
         if need_b and ctx.has_bias:
