@@ -9,6 +9,8 @@ chunks each bucket on its own (see ``Reformer``), so that no future token can mo
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -169,18 +171,23 @@ class Reformer(AttnBlock):
         sq = gather_tokens(qk, perm).unflatten(3, (nc, m))  # (b, h, R, nc, m, d)
         # The padding keys are zero vectors: F.normalize's default eps (1e-12) is 0 in float16, giving 0/0.
         eps = max(1e-12, torch.finfo(qk.dtype).tiny)
-        # Sorted once, then each chunk's predecessors appended by copies: an index_select straight
-        # from kpos would double the rows of its backward's index_add, which costs more than the copies.
+        # Sorted once, then each window built from whole chunks: an index_select straight from kpos
+        # would double the rows of its backward's index_add, which costs more than the chunk copies.
         sk = _look_back(gather_tokens(F.normalize(qk, dim=-1, eps=eps), perm).unflatten(3, (nc, m)), 3, back)
         sv = _look_back(gather_tokens(v, perm).unflatten(3, (nc, m)), 3, back)  # (b, h, R, nc, w, d)
         if torch.finfo(qk.dtype).max < 2 * SELF_PENALTY:
             # float16 has no 1e5: saturate the finite penalties (inf stays inf), else a query whose
             # only key is its own gets a row of -inf and a NaN output.
             penalty = torch.where(penalty.isinf(), penalty, penalty.clamp_max(torch.finfo(qk.dtype).max / 2))
-        # logits - penalty in the matmul's epilogue (beta = -1): no separate pass over the logits.
+        # logits - penalty in the matmul's epilogue (beta = -1): no separate pass over the logits. A full
+        # penalty buffer becomes the logits in place: a fresh buffer of that size costs page faults on CPU.
         w = kpos.shape[-1]
-        penalty = penalty.to(qk.dtype).expand(*sq.shape[:-2], m, w).flatten(0, -3)
-        dots = torch.baddbmm(penalty, sq.flatten(0, -3), sk.flatten(0, -3).transpose(-1, -2), beta=-1)
+        penalty = penalty.to(qk.dtype)
+        args = (sq.flatten(0, -3), sk.flatten(0, -3).transpose(-1, -2))
+        if penalty.dim() == 3:  # (b * h * R * nc, m, w), a buffer of its own (not a view)
+            dots = penalty.baddbmm_(*args, beta=-1)
+        else:
+            dots = torch.baddbmm(penalty.expand(*sq.shape[:-2], m, w).flatten(0, -3), *args, beta=-1)
         dots = dots.view(*sq.shape[:-2], m, w)  # (b, h, R, nc, m, w)
         out, lse = attend_lse(dots, sv)
         out = gather_tokens(out.flatten(3, 4), inv)  # unsort
@@ -189,20 +196,29 @@ class Reformer(AttnBlock):
         return x + to_map(out, height, width)
 
     def _penalty(self, buckets, inv, qpos, kpos, m: int, nb: int, back: int, n: int) -> torch.Tensor:
-        """What to subtract from the logits, (b, h, R, nc, m, w) or a broadcastable (m, w): inf for keys
+        """What to subtract from the logits, (b * h * R * nc, m, w) or a broadcastable (m, w): inf for keys
         outside the window, masked or padded; log N_ij for the rounds' de-duplication; 1e5 on the query's
         own key (slot i of its own chunk, the first m keys of its window)."""
         w = kpos.shape[-1]
+        shape = (*qpos.shape, w)  # (b, h, R, nc, m, w)
         dedup = not (self.allow_duplicates or self.n_hashes == 1)
         # The paper's chunked window with nothing to mask (no padding, across buckets, not causal) needs
         # no code comparison: every key of the two chunks is allowed.
         masked = self.causal or not self.attend_across_buckets or buckets.shape[-1] > n
+        # Exporters need a functional graph (no in-place writes through views).
+        exporting = torch.compiler.is_exporting()
         if dedup or masked:
             codes, nexts = self._codes(buckets, inv, m, nb)
         if dedup:
             counts = self._counts(codes, nexts, qpos, back)
-            # Into a fresh float buffer, then the log in place: the buffer becomes the logits below.
-            penalty = torch.empty(counts.shape, device=counts.device).copy_(counts).log_()
+            if exporting:
+                penalty = counts.to(torch.float32).log().view(-1, m, w)
+            else:  # into a buffer of its own (the logits later), then the log in place
+                penalty = torch.empty(math.prod(shape[:-2]), m, w, device=counts.device)
+                penalty.view(shape).copy_(counts)
+                penalty.log_()
+        elif masked:
+            penalty = torch.zeros(math.prod(shape[:-2]), m, w, device=qpos.device)
         else:
             penalty = torch.zeros(m, w, device=qpos.device)
         if masked:
@@ -217,7 +233,11 @@ class Reformer(AttnBlock):
                 allowed = allowed & ((q == kcodes.unsqueeze(-2)) | (q == knexts.unsqueeze(-2)))
             # The own key stays allowed (at 1e5): it is the last resort of a query with nothing else.
             own = torch.eye(m, w, dtype=torch.bool, device=qpos.device)
-            penalty = penalty.masked_fill(~(allowed | own), float("inf"))
+            excluded = ~(allowed | own)
+            if exporting:
+                penalty = penalty.view(shape).masked_fill(excluded, float("inf")).view(-1, m, w)
+            else:
+                penalty.view(shape).masked_fill_(excluded, float("inf"))
         if torch.compiler.is_exporting():  # the ONNX decomposition needs a functional graph
             return penalty + SELF_PENALTY * torch.eye(m, w, device=qpos.device)
         # In place on the (m, w) diagonal of every chunk: m entries, not a pass over all logits.
