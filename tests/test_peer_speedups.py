@@ -131,6 +131,28 @@ def test_train_and_eval_modes_and_accumulation(name):
 
 
 @pytest.mark.parametrize("name", ["gcnet", "cbam"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_second_derivatives_equal_previous_forward(name, channels_last):
+    """create_graph=True (gradient penalties): the hand-written backward is itself differentiated, and
+    the second derivatives w.r.t. the input and every parameter equal the reference's."""
+    block = _block(name, 8, torch.float64)
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 8, 3, 4, dtype=torch.float64, generator=gen)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    grad_out = torch.randn(2, 8, 3, 4, dtype=torch.float64, generator=gen)
+    inputs = [x, *block.parameters()]
+    results = []
+    for fn in (block, lambda t: REFERENCES[name](block, t)):
+        (gx,) = torch.autograd.grad(fn(x), x, grad_out, create_graph=True)
+        second = torch.autograd.grad(gx.square().sum(), inputs, allow_unused=True)
+        results.append([torch.zeros_like(t) if g is None else g for g, t in zip(second, inputs)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("name", ["gcnet", "cbam"])
 def test_plain_ops_where_the_fast_path_does_not_apply(name):
     """No grad, autocast and compiled graphs run the reference ops (no custom node), with equal values."""
     block = _block(name, 16, torch.float32)

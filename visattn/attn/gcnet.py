@@ -47,16 +47,22 @@ class _ContextPool(torch.autograd.Function):
         p = logits.reshape(bsz, height * width, 1).softmax(dim=1)
         xf = x.reshape(bsz, channels, height * width)
         context = torch.bmm(xf, p)  # (B, C, 1)
-        ctx.save_for_backward(xf, weight, p)
-        ctx.has_bias, ctx.hw = bias is not None, (height, width)
+        # xf is x itself unless x had to be copied (channels-last), as in the reference path.
+        ctx.save_for_backward(x, xf, weight, bias, p)
+        ctx.hw = (height, width)
         ctx.set_materialize_grads(False)
         return context, x.view_as(x)
 
     @staticmethod
     def backward(ctx, g_ctx: torch.Tensor | None, g_x: torch.Tensor | None):
-        xf, weight, p = ctx.saved_tensors
+        x, xf, weight, bias, p = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
         bsz, channels, n = xf.shape
+        if torch.is_grad_enabled():
+            # create_graph: p (and a copied xf) were made inside forward, out of the graph; rebuild them from
+            # the inputs so that higher derivatives see their dependence on x, w and b.
+            xf = x.reshape(bsz, channels, n)
+            p = F.conv2d(x, weight, bias).reshape(bsz, n, 1).softmax(dim=1)
         grad_x = grad_w = grad_b = None
         if g_ctx is None:
             # Only the alias was used: x's gradient is the residual's.
@@ -69,7 +75,7 @@ class _ContextPool(torch.autograd.Function):
         g_logits = torch.ops.aten._softmax_backward_data(g_p, p, 1, p.dtype)
         if need_w:
             grad_w = torch.bmm(xf, g_logits).sum(0).view_as(weight)
-        if need_b and ctx.has_bias:
+        if need_b and bias is not None:
             grad_b = g_logits.sum().reshape(1)
         if need_x:
             left = torch.cat([g_ctx, weight.reshape(1, channels, 1).expand(bsz, -1, -1)], dim=2)
