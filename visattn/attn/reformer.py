@@ -318,13 +318,11 @@ def _look_back(x: torch.Tensor, chunk_dim: int, back: int) -> torch.Tensor:
     ``chunk_dim + 1``; wrapped chunks are excluded by the masks (later in the sort, other buckets)."""
     if back == 0:
         return x
-    nc = x.shape[chunk_dim]
+    lead, nc, tail = x.shape[:chunk_dim], x.shape[chunk_dim], x.shape[chunk_dim + 1 :]
     chunk = torch.arange(nc, device=x.device)
-    # One index_select of whole chunks (rows [c, c-1, ...]): a single copy, and a backward that adds
-    # whole chunks, where rolls and a concatenation copy the windows several times.
+    # One index_select of whole chunks as rows (chunk c's window: rows c, c-1, ... of its group): a
+    # single copy and a row-wise backward, where rolls and a concatenation copy the windows repeatedly.
     order = torch.stack([(chunk + nc - k) % nc for k in range(back + 1)], dim=1).flatten()
-    return (
-        x.index_select(chunk_dim, order)
-        .unflatten(chunk_dim, (nc, back + 1))
-        .flatten(chunk_dim + 1, chunk_dim + 2)
-    )
+    rows = (torch.arange(math.prod(lead), device=x.device).unsqueeze(-1) * nc + order).flatten()
+    windows = x.reshape(math.prod(lead) * nc, -1).index_select(0, rows)
+    return windows.view(*lead, nc, (back + 1) * tail[0], *tail[1:])
