@@ -166,3 +166,38 @@ def test_reformer_fast_path_equals_reference(kwargs, size, train):
     names = ["output", "input grad"] + [name for name, _ in block.named_parameters()]
     for name, a, b in zip(names, new, old, strict=True):
         _assert_equal_to_rounding(name, a, b)
+
+
+def _old_core_counts(n_hashes, q_perm, q_inv, k_inv, kpos, m, nc):
+    """ReformerCore._counts (the ViT mixer) before the byte form: float counters, bool comparisons."""
+    shape = q_perm.shape
+    counts = torch.zeros(*kpos.shape[:-1], m, kpos.shape[-1])
+    for r in range(n_hashes):
+        qc = (q_inv[:, :, r] // m).unsqueeze(2).expand(shape).gather(-1, q_perm).unflatten(-1, (nc, m))
+        kc = (k_inv[:, :, r] // m).unsqueeze(2).expand(shape).gather(-1, kpos.flatten(3)).view_as(kpos)
+        hit = qc.unsqueeze(-1) == kc.unsqueeze(-2)
+        if nc > 1:
+            hit |= ((qc - 1) % nc).unsqueeze(-1) == kc.unsqueeze(-2)
+        counts += hit
+    return counts.clamp_min_(1)
+
+
+# (chunk m, chunks nc, rounds): one chunk, two chunks (the previous chunk is the next one), byte chunk ids,
+# and more than 256 chunks (int32 ids).
+@pytest.mark.parametrize("m,nc,rounds", [(4, 1, 3), (4, 2, 4), (3, 7, 8), (2, 300, 2)])
+def test_vit_reformer_core_counts_equal_reference(m, nc, rounds):
+    from visattn.layers.hashing import look_one_back, sort_with_inverse
+    from visattn.layers.mixers.hashing import ReformerCore
+
+    core = ReformerCore(32, 2, n_hashes=rounds, chunk_size=m)
+    g = torch.Generator().manual_seed(m * 1000 + nc)
+    n_pad = m * nc
+    # Few distinct sort keys: many ties, so that queries and keys share chunks in several rounds.
+    q_perm, q_inv = sort_with_inverse(torch.randint(0, 4, (2, 2, rounds, n_pad), generator=g))
+    k_perm, k_inv = sort_with_inverse(torch.randint(0, 4, (2, 2, rounds, n_pad), generator=g))
+    kpos = look_one_back(k_perm.unflatten(-1, (nc, m)), 3)
+    new = core._counts(q_perm, q_inv, k_inv, kpos, m, nc)
+    old = _old_core_counts(rounds, q_perm, q_inv, k_inv, kpos, m, nc)
+    assert new.dtype == torch.float32
+    assert torch.equal(new, old)
+    assert old.max() > 1  # the case exercises de-duplication

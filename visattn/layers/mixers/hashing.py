@@ -142,13 +142,16 @@ class ReformerCore(MixerCore):
 
     def _counts(self, q_perm, q_inv, k_inv, kpos, m: int, nc: int) -> torch.Tensor:
         """N_ij per (query, key) slot: the rounds in which key j lies in query i's two chunks (>= 1)."""
-        shape = q_perm.shape
-        counts = torch.zeros(*kpos.shape[:-1], m, kpos.shape[-1], device=kpos.device)
-        for r in range(self.n_hashes):
-            qc = (q_inv[:, :, r] // m).unsqueeze(2).expand(shape).gather(-1, q_perm).unflatten(-1, (nc, m))
-            kc = (k_inv[:, :, r] // m).unsqueeze(2).expand(shape).gather(-1, kpos.flatten(3)).view_as(kpos)
-            hit = qc.unsqueeze(-1) == kc.unsqueeze(-2)
-            if nc > 1:
-                hit |= ((qc - 1) % nc).unsqueeze(-1) == kc.unsqueeze(-2)
-            counts += hit
-        return counts.clamp_min_(1)
+        rounds = q_perm.shape[2]
+        # Chunk ids and counters in bytes where they fit; a comparison writes bools, several times slower
+        # on CPU than xor / min / clamp in one dtype: key j misses query i in round r iff its chunk differs
+        # from both the query's chunk and the one before it, i.e. both xors are non-zero.
+        small = torch.uint8 if nc <= 256 and rounds < 256 else torch.int32
+        q_chunk, k_chunk = (q_inv // m).to(small), (k_inv // m).to(small)
+        counts = torch.full((*kpos.shape[:-1], m, kpos.shape[-1]), rounds, dtype=small, device=kpos.device)
+        for r in range(rounds):
+            qc = q_chunk[:, :, r].gather(-1, q_perm.flatten(2)).view(*kpos.shape[:-1], m, 1)
+            prev = torch.where(qc == 0, nc - 1, qc - 1)  # (qc - 1) % nc without wrapping the byte
+            kc = k_chunk[:, :, r].gather(-1, kpos.flatten(2)).view_as(kpos).unsqueeze(-2)
+            counts -= torch.minimum(qc ^ kc, prev ^ kc).clamp_max_(1)
+        return counts.clamp_min_(1).float()
