@@ -83,8 +83,8 @@ class Reformer(AttnBlock):
         attend_across_buckets: attend to every key of the two chunks (the paper's chunked scheme
             and the authors' trax runs; the default without ``causal``) or only to those of the
             query's bucket. Causal attention needs False (its default then), see above.
-        allow_duplicates: skip the de-duplication over rounds (reformer-pytorch's default; it costs
-            about as much again as the rest of the block on CPU).
+        allow_duplicates: skip the de-duplication over rounds (reformer-pytorch's default; on CPU the
+            de-duplication adds about a quarter to forward+backward at 96x96, C=64).
         qkv_bias: bias of the shared-QK and value projections.
         seed: seed of the hash rotations (None: drawn from the global RNG at construction).
         causal: raster-order causal attention.
