@@ -31,18 +31,25 @@ def band_windows(
     (:class:`visattn.layers.mixers.memory.CompressiveCore`) on the pretrained keys/values.
     """
     b, m, cm = band_rows, mem_rows, cmem_rows
-    nb, width, dev = (kv.shape[1] - m) // b, kv.shape[2], kv.device
+    bsz, rows, width, dim = kv.shape
+    nb, dev = (rows - m) // b, kv.device
+    band_top = torch.arange(nb, device=dev)[:, None] * b
     # Band t's raw window: padded rows [t*b, t*b + m + b) = memory rows then the band's rows.
-    win = kv.unfold(1, m + b, b).permute(0, 1, 4, 2, 3).flatten(2, 3)  # (B, nb, (m+b)*W, C')
-    row = torch.arange(m + b, device=dev).repeat_interleave(width) + torch.arange(nb, device=dev)[:, None] * b
-    key_ok = (row >= m) & (row < m + height)  # padded rows -> real rows
+    row = band_top + torch.arange(m + b, device=dev)  # (nb, m + b)
+    token = (row[..., None] * width + torch.arange(width, device=dev)).flatten(1)
+    key_ok = ((row >= m) & (row < m + height)).repeat_interleave(width, dim=1)  # padded rows -> real rows
+    source = kv.flatten(1, 2)
     if ckv is not None:
         wc = ckv.shape[2]
         # Compressed row r sits at padded index r + m + cm; band t's window is [t*b, t*b + cm).
-        cwin = ckv.unfold(1, cm, b)[:, :nb].permute(0, 1, 4, 2, 3).flatten(2, 3)  # (B, nb, cm*wc, C')
-        crow = torch.arange(cm, device=dev).repeat_interleave(wc) + torch.arange(nb, device=dev)[:, None] * b
-        win = torch.cat([cwin, win], dim=2)
-        key_ok = torch.cat([crow >= m + cm, key_ok], dim=1)
+        crow = band_top + torch.arange(cm, device=dev)
+        ctoken = (crow[..., None] * wc + torch.arange(wc, device=dev)).flatten(1) + rows * width
+        source = torch.cat([source, ckv.flatten(1, 2)], dim=1)
+        token = torch.cat([ctoken, token], dim=1)
+        key_ok = torch.cat([(crow >= m + cm).repeat_interleave(wc, dim=1), key_ok], dim=1)
+    # One gather of token rows: its backward is one index_add, several times cheaper on CPU than the
+    # backward of the overlapping unfold windows this replaced (same values and gradients).
+    win = source.index_select(1, token.flatten()).view(bsz, nb, token.shape[1], dim)
     return win, key_ok
 
 
@@ -51,6 +58,21 @@ def compress_rows(conv: nn.Module, rows: torch.Tensor, rate: int) -> torch.Tenso
     multiple of ``rate``: (B, C', rows, ceil(W / rate)), the paper's compression along the raster order."""
     pad = -rows.shape[3] % rate
     return conv(F.pad(rows, (0, pad)) if pad else rows)
+
+
+def compress_token_rows(conv: nn.Module, rows: torch.Tensor, rate: int) -> torch.Tensor:
+    """:func:`compress_rows` on token rows (B, R, W, C) -> (B, R, ceil(W / rate), C'), as one matmul.
+
+    Each output token is the conv over ``rate`` neighbouring pixels of a row, so it is a linear map of
+    their concatenated channels: no layout change of the rows and no convolution backward (which on
+    CPU costs several times its forward for this strided 1 x c kernel).
+    """
+    pad = -rows.shape[2] % rate
+    if pad:
+        rows = F.pad(rows, (0, 0, 0, pad))
+    patches = rows.unflatten(2, (-1, rate)).flatten(3)  # (B, R, W / rate, rate * C), pixel-major
+    weight = conv.weight.squeeze(2).transpose(1, 2).flatten(1)  # (C', rate * C), the same order
+    return F.linear(patches, weight, conv.bias)
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -190,16 +212,17 @@ class CompressiveAttention(BandRecurrentBlock):
         dev = x.device
         # Rows padded with m empty rows on top (memory of the first bands) and up to a whole last band.
         x_pad = F.pad(x, (0, 0, m, h_pad - height))
-        tokens = to_tokens(x_pad)
+        # One layout copy that the q and kv projections and the compression all read.
+        tokens = to_tokens(x_pad).contiguous()
         q = self.q(tokens[:, m * width :])
         kv = self.kv(tokens).unflatten(1, (m + h_pad, width))
         # Rows that some band sees compressed: those evicted before the last band starts.
         n_comp = (nb - 1) * b - m if cm else 0
         ckv = None
         if n_comp > 0:
-            comp = self._compress(x[:, :, :n_comp])
-            wc = comp.shape[3]
-            ckv = self.kv(to_tokens(F.pad(comp, (0, 0, m + cm, 0)))).unflatten(1, (n_comp + m + cm, wc))
+            rows = tokens.unflatten(1, (m + h_pad, width))[:, m : m + n_comp]  # x's rows [0, n_comp)
+            comp = compress_token_rows(self.compress, rows, self.compression)
+            ckv = self.kv(F.pad(comp, (0, 0, 0, 0, m + cm, 0)))  # (B, m + cm + n_comp, wc, 2C)
         raw, key_ok = band_windows(kv, ckv, height, b, m, cm)
         n_keys = raw.shape[2]
         k, v = raw.flatten(0, 1).chunk(2, dim=-1)
@@ -213,24 +236,28 @@ class CompressiveAttention(BandRecurrentBlock):
         out = out.unflatten(0, (bsz, nb)).flatten(1, 2)[:, : height * width]
         self.aux_loss = None
         if self.training and cm and height > m:
-            self.aux_loss = self._batched_reconstruction_loss(x, q, kv[:, :h_pad], height)
+            self.aux_loss = self._batched_reconstruction_loss(x, q, kv[:, :h_pad], height, tokens)
         return x + to_map(self.proj(out), height, width)
 
     def _batched_reconstruction_loss(
-        self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, height: int
+        self, x: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, height: int, tokens: torch.Tensor
     ) -> torch.Tensor:
         """The sum over bands of :meth:`_reconstruction_loss` for the rows each band evicts, in one SDPA.
 
         Band t (top row T, r rows) evicts rows ``[T - m, T + r - m)`` (those >= 0): with the m-row top padding
         of ``kv`` these are padded rows ``[T, T + b)``, i.e. band t's own slot, valid where ``m <= row < H``.
+        ``tokens`` holds the same padded rows of the input (its rows past H are never valid, so the input
+        rows compressed there do not matter: they are masked out).
         """
         bsz, _, _, width = x.shape
         b, m = self.band_rows, self.mem_rows
         nb, h_pad = q.shape[1] // (b * width), kv.shape[1]
         first = m // b  # bands before it evict nothing (their rows fit in the memory)
-        comp = self._compress(F.pad(x[:, :, : height - m].detach(), (0, 0, m, h_pad - height)))
-        wc = comp.shape[3]
-        k_c, v_c = F.linear(to_tokens(comp), self.kv.weight.detach(), self.kv.bias.detach()).chunk(2, dim=-1)
+        rows = tokens.detach().unflatten(1, (-1, width))[:, :h_pad]
+        comp = compress_token_rows(self.compress, rows, self.compression)  # (B, h_pad, wc, C)
+        wc = comp.shape[2]
+        kv_c = F.linear(comp.flatten(1, 2), self.kv.weight.detach(), self.kv.bias.detach())
+        k_c, v_c = kv_c.chunk(2, dim=-1)
         k_old, v_old = kv.detach().flatten(1, 2).to(k_c.dtype).chunk(2, dim=-1)
         dev = x.device
         band_row = torch.arange(first, nb, device=dev)[:, None] * b
