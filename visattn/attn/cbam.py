@@ -13,8 +13,8 @@ import torch.nn as nn
 from timm.layers import make_divisible
 
 from ..layers import AttnBlock, factory_kwargs
+from ..layers.fused_backward import use_fused_backward
 from ..registry import register_attn
-from .gcnet import use_fused_backward
 
 
 class _MeanMaxPool(torch.autograd.Function):

@@ -13,21 +13,8 @@ from einops import rearrange
 from timm.layers import make_divisible
 
 from ..layers import AttnBlock, factory_kwargs
+from ..layers.fused_backward import use_fused_backward
 from ..registry import register_attn
-
-
-def use_fused_backward(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the hand-written backward applies: eager autograd without autocast.
-
-    Compiled and exported graphs fuse the plain ops themselves, and under autocast the plain ops pick
-    their own dtypes; both keep the reference path (the one the equivalence tests compare against).
-    """
-    return (
-        torch.is_grad_enabled()
-        and (x.requires_grad or weight.requires_grad)
-        and not torch.compiler.is_compiling()
-        and not torch.is_autocast_enabled(x.device.type)
-    )
 
 
 class _ContextPool(torch.autograd.Function):
