@@ -47,6 +47,34 @@ class MapPeer(nn.Module):
         return x + out if self.residual else out
 
 
+class CompressiveBandsPeer(nn.Module):
+    """compressive-transformer-pytorch's SelfAttention run over the raster sequence in segments of
+    ``band_rows`` image rows, each segment reading the memories the previous one wrote (the peer's own
+    recurrence), with our block's segment, memory and compressed-memory lengths and rate."""
+
+    def __init__(self, channels: int, width: int, band_rows: int = 2, heads: int = 8) -> None:
+        super().__init__()
+        from compressive_transformer_pytorch.compressive_transformer_pytorch import SelfAttention
+
+        self.segment = band_rows * width
+        compressed_width = (width + 2) // 3
+        self.attn = SelfAttention(
+            channels,
+            seq_len=self.segment,
+            mem_len=self.segment,
+            cmem_len=3 * band_rows * compressed_width,
+            cmem_ratio=3,
+            heads=heads,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens, memories, outs = to_tokens(x), None, []
+        for start in range(0, tokens.shape[1], self.segment):  # the peer's segment recurrence
+            out, memories, _ = self.attn(tokens[:, start : start + self.segment], memories=memories)
+            outs.append(out)
+        return x + to_map(torch.cat(outs, dim=1), *x.shape[-2:])
+
+
 @dataclass(frozen=True)
 class PeerSpec:
     label: str
@@ -237,6 +265,14 @@ PEERS: dict[str, list[PeerSpec]] = {
                 n_hashes=8,
             ),
             "8 heads, bucket 64, 8 hashes (our defaults)",
+        )
+    ],
+    "compressive": [
+        PeerSpec(
+            "compressive-transformer-pytorch SelfAttention",
+            "compressive_transformer_pytorch",
+            lambda c, hw: CompressiveBandsPeer(c, hw[1]),
+            "8 heads, segments of 2 rows, memory 2 rows, compressed memory at rate 3 (our defaults)",
         )
     ],
     "pkm": [
