@@ -162,6 +162,14 @@ def test_markdown_summary_and_section_keep_the_rest_of_the_page(tmp_path):
     assert table[3] == "| `cbam` | 10 | 5 | 0.50 | 5 | 2e-06 | ok |"
     assert table[4].startswith("| `performer` | - | - | - | - | - | error: KeyError: 'x' |")
     assert table[5].endswith("| 0.80 | 5 | 2e-06 | ok (3 graphs: recompiled) |")
+    long = _row("slim", math.nan, status="graph break: UserError: " + "x " * 200)
+    cells = [
+        cb._status_cell(r, cb.REASONS) for r in (long, _row("performer", math.nan, status="graph break: U"))
+    ]
+    assert cells[0].startswith("graph break: the training-mode feature redraw")
+    assert cells[1].startswith("graph break: the training-mode feature redraw")
+    other = cb._status_cell(long, {})
+    assert len(other) <= 160 and other.endswith("x ...") and other.startswith("graph break: UserError: x x")
     text = cb.summary(rows)
     assert text.startswith("2 of 3 timed blocks are faster compiled; median compiled / eager 0.80")
     assert "(best `cbam` 0.50, worst `axial` 1.25); not ok: `performer` (error)." in text

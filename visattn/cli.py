@@ -131,7 +131,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
         print(
-            "eager vs torch.compile(fullgraph=True), forward+backward (ratio compiled/eager, < 1: compiling pays):"
+            "eager vs torch.compile(fullgraph=True), forward+backward "
+            "(ratio compiled/eager, < 1: compiling pays):"
         )
         print(compiled.format_compiled(c_rows))
         if args.csv:

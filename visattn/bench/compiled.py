@@ -322,9 +322,36 @@ def format_compiled(rows: Sequence[CompiledRow]) -> str:
     return "\n".join("  ".join(v.ljust(wd) for v, wd in zip(t, widths)).rstrip() for t in table)
 
 
-def markdown_compiled(rows: Sequence[CompiledRow]) -> str:
+# Why a block does not compile fullgraph in training mode (or fails the check), where the cause is known
+# from its code; shown in the docs table instead of the compiler's long message.
+REASONS: dict[str, str] = {
+    "performer": "the training-mode feature redraw (`int(calls) % redraw_interval`, RandomFeatures.step) "
+    "is a data-dependent Python branch; eval compiles fullgraph (docs/support.md)",
+    "slim": "the training-mode feature redraw (RandomFeatures.step, as performer) is a data-dependent Python "
+    "branch; eval compiles fullgraph (docs/support.md)",
+    "rfa": "training mode redraws its random features every call from a `torch.Generator` created in forward "
+    "(an opaque object to dynamo); eval compiles fullgraph (docs/support.md)",
+    "permutohedral": "a `torch.Generator` created in forward and a data-dependent lattice size; no fullgraph "
+    "in eval either (docs/support.md)",
+}
+
+
+def _status_cell(row: CompiledRow, reasons: dict[str, str]) -> str:
+    """The row's status for a table: the known reason of a failure, else the compiler's message cut short."""
+    if row.status == "ok":
+        return f"ok ({row.graphs} graphs: recompiled)" if row.graphs > 1 else "ok"
+    kind = _short_status(row.status)
+    if row.name in reasons and kind == "graph break":
+        return f"{kind}: {reasons[row.name]}"
+    text = row.status.replace("|", "/")
+    return text if len(text) <= 160 else text[:157].rsplit(" ", 1)[0] + " ..."
+
+
+def markdown_compiled(rows: Sequence[CompiledRow], *, reasons: dict[str, str] | None = None) -> str:
     """Markdown table, one line per row: eager ms, compiled ms, ratio (bold when compiling does not pay),
-    compile seconds, max error (output or input gradient), status (the reason of a failure)."""
+    compile seconds, max error (output or input gradient), status (for a failure, its reason from
+    ``reasons``, default :data:`REASONS`, else the compiler's message cut short)."""
+    reasons = REASONS if reasons is None else reasons
     if not rows:
         return "_no rows measured._"
     out = [
@@ -334,9 +361,7 @@ def markdown_compiled(rows: Sequence[CompiledRow]) -> str:
     for r in sorted(rows, key=lambda r: (r.name, r.dtype, r.height, r.width)):
         ratio = "-" if math.isnan(r.ratio) else f"**{r.ratio:.2f}**" if r.ratio >= 1.0 else f"{r.ratio:.2f}"
         err = max(r.max_out_err, r.max_grad_err)
-        status = r.status.replace("|", "/")
-        if r.status == "ok" and r.graphs > 1:
-            status = f"ok ({r.graphs} graphs: recompiled)"
+        status = _status_cell(r, reasons)
         out.append(
             f"| `{r.name}` | {_num(r.eager_ms)} | {_num(r.compiled_ms)} | {ratio} | {_num(r.compile_s, 2)} | "
             f"{_num(err, 2)} | {status} |"
@@ -390,24 +415,31 @@ def compiled_section(
         if first
         else "no rows"
     )
+    intro = (
+        "Each block eager against the same instance under `torch.compile(block, fullgraph=True)`, "
+        f"forward+backward in training mode, {setting}, one process. "
+        f"Machine: {meta.get('machine', '?')}; load average {meta.get('load_before', '?')} before and "
+        f"{meta.get('load_after', '?')} after ({meta.get('minutes', '?')} min, "
+        f"started {meta.get('started', '?')}). "
+        "On a shared machine the ms columns are indicative only; the ratio is the median over "
+        f"{meta.get('rounds', '?')} round(s) of compiled / eager timed back to back (alternating which goes "
+        "first). Bold: compiling does not pay. Compile s: the first compiled forward+backward (tracing, "
+        "AOTAutograd and inductor's C++ code generation). Max error: the larger of max |compiled - eager| of "
+        "the output and of the input gradient (a fixed random cotangent), both from the same seed and state, "
+        "with zero-initialised gates drawn at random first so that the attention path is compared; the "
+        "tolerance is 1e-4 x max(1, max |eager|) in fp32 (`mismatch` beyond it). A graph break fails "
+        "`fullgraph=True` and is listed with its reason. Rerun: `python -m visattn.bench.compiled measure "
+        "docs/bench-compiled-cpu.json`, then `python -m visattn.bench.compiled doc "
+        "docs/bench-compiled-cpu.json`; "
+        "`visattn bench --compiled NAMES` for a few blocks."
+    )
     body = [
         "## Eager vs compiled (CPU)",
         "",
-        "Each block eager against the same instance under `torch.compile(block, fullgraph=True)`, forward+backward",
-        f"in training mode, {setting}. Machine: {meta.get('machine', '?')}; load average",
-        f"{meta.get('load_before', '?')} before and {meta.get('load_after', '?')} after ({meta.get('minutes', '?')} min,",
-        f"started {meta.get('started', '?')}). A shared machine: the ratio is the median over {meta.get('rounds', '?')}",
-        "round(s) of compiled / eager timed back to back (alternating which goes first); the ms columns are the",
-        "medians, indicative only. Compile s: the first compiled forward+backward (tracing and inductor's C++",
-        "code generation). Max error: the larger of max |compiled - eager| of the output and of the input",
-        "gradient, from the same seed and state (the check's zero-initialised gates drawn at random so the",
-        "attention path is seen); tolerance 1e-4 x max(1, max |eager|) in fp32. Bold: compiling does not pay.",
-        "A graph break fails `fullgraph=True` and is listed with its error. Rerun: `python -m",
-        "visattn.bench.compiled measure docs/bench-compiled-cpu.json` then `... doc docs/bench-compiled-cpu.json`,",
-        "or `visattn bench --compiled NAMES` for a few blocks.",
+        intro,
         "",
-        "The GPU's eager vs compiled figures come from the compiled stages of `tools/gpu_sweep.py`; no device was",
-        "lent for this run, so they are unmeasured.",
+        "The GPU's eager vs compiled figures come from the compiled stages of `tools/gpu_sweep.py` and are "
+        "unmeasured: no device was lent for this run.",
         "",
         markdown_compiled(rows),
         "",
