@@ -15,6 +15,7 @@ written atomically, with the machine, the thread count and the load average befo
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import shlex
 import statistics
@@ -77,22 +78,34 @@ def step(model: torch.nn.Module, x: torch.Tensor) -> float:
 
 
 def measure(mixers, size, depth, repeats, warmup, device, log):
-    """{mixer: (median ms, median ratio to dense, activation bytes) or an error string}."""
+    """{mixer: (median ms, median ratio to dense, activation bytes) or an error string}.
+
+    Every round builds each model afresh (same seed, so the same weights), warms it up and times one step,
+    then frees it: holding 37 ViT-S models with their gradients grew this process past 20 GiB at 512 px (the
+    allocator keeps each model's freed activations), and the OOM killer ended the run. Odd rounds go through
+    the mixers in reverse, so a drift of the machine's load does not always favour the same ones.
+    """
     x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
-    models, results = {}, {}
-    for mixer in mixers:
-        try:
-            models[mixer] = build(mixer, depth, device)
-            results[mixer] = {"bytes": saved_activation_bytes(models[mixer], x), "times": []}
-            for _ in range(warmup):
-                step(models[mixer], x)
-        except Exception as err:  # a mixer that fails is reported in its cell, not the end of the run
-            models.pop(mixer, None)
-            results[mixer] = f"error: {type(err).__name__}: {str(err)[:120]}"
-            log(f"  {size}px {mixer}: {results[mixer]}")
+    results = {mixer: {"bytes": None, "times": []} for mixer in mixers}
     for r in range(repeats):
-        for mixer, model in models.items():
-            results[mixer]["times"].append(step(model, x))
+        order = mixers if r % 2 == 0 else mixers[::-1]
+        for mixer in order:
+            res = results[mixer]
+            if isinstance(res, str):
+                continue
+            try:
+                model = build(mixer, depth, device)
+                if res["bytes"] is None:
+                    res["bytes"] = saved_activation_bytes(model, x)
+                for _ in range(max(warmup, 1)):  # a fresh model's first step pays one-off costs
+                    step(model, x)
+                res["times"].append(step(model, x))
+            except Exception as err:  # a mixer that fails is reported in its cell, not the end of the run
+                results[mixer] = f"error: {type(err).__name__}: {str(err)[:120]}"
+                log(f"  {size}px {mixer}: {results[mixer]}")
+            finally:
+                model = None
+                gc.collect()
         log(f"  {size}px round {r + 1}/{repeats} done")
     dense = results.get(DENSE)
     out = {}
@@ -124,9 +137,10 @@ def render(table, sizes, mixers, args, device, started, load_before, load_after,
         "* Model: timm's `vit_small_patch16_224` (embed 384, 6 heads, `dynamic_img_size=True`, random "
         "weights), every attention layer replaced by the mixer at its ViT defaults (`visattn.create_model`); "
         "`dense` is timm's own attention (SDPA).",
-        f"* Time: one forward + backward of batch 1, {args.repeats} interleaved rounds after {args.warmup} "
-        "warm-up; median ms, and in brackets the median over rounds of the time ratio to `dense` in the "
-        "same round (below 1: faster than dense).",
+        f"* Time: one forward + backward of batch 1, {args.repeats} interleaved rounds; in each round every "
+        f"model is built afresh (same seed), warmed up with {max(args.warmup, 1)} step(s) and timed once; "
+        "median ms, and in brackets the median over rounds of the time ratio to `dense` in the same round "
+        "(below 1: faster than dense).",
         "* Memory: MiB autograd saves for backward (`visattn.bench.saved_activation_bytes`; parameters "
         "excluded; deterministic).",
     ]
