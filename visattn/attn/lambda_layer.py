@@ -66,6 +66,9 @@ class _PositionOutput(torch.autograd.Function):
         if need_q:
             lam = _position_lambdas(v, embedding, q.shape[0]) if lam is None else lam
             grad_q = rearrange(torch.matmul(grad.transpose(-1, -2), lam), "b n h k -> b h k n")
+            # Contiguous for the queries' BatchNorm: its CPU backward goes wrong on this permuted
+            # layout at B = 1 (tools/repro/inductor_bn_slice_grad.py).
+            grad_q = grad_q.contiguous()
         if need_v or need_e:
             hh, r = v.shape[-2], embedding.shape[-1]
             grad_lam = torch.matmul(grad, rearrange(q, "b h k n -> b n h k"))  # (B, N, |v|, |k|)
@@ -172,8 +175,12 @@ class LambdaLayer(AttnBlock):
 
         # γ enters through the two lambdas, which are linear in it and small (|k| x |v| and the
         # embeddings): x + γ·y exactly, without keeping a (C, N) tensor for γ's gradient.
-        content = torch.matmul(k.view(b, self.dim_k, -1), v.view(b, self.dim_v, -1).transpose(1, 2))
-        y = torch.matmul((self.gamma * content).transpose(1, 2).unsqueeze(1), q)  # (B, h, |v|, N)
+        # The content lambda is formed transposed, (|v|, |k|) = V softmax(K)ᵀ, so that V's gradient comes
+        # back contiguous: from softmax(K) Vᵀ it would be a transposed view, and at B = 1 (batch stride
+        # |v|) CPU BatchNorm backward computes a wrong gradient from it (torch 2.14; see
+        # tools/repro/inductor_bn_slice_grad.py). Same products, same values in forward.
+        content = torch.matmul(v.view(b, self.dim_v, -1), k.view(b, self.dim_k, -1).transpose(1, 2))
+        y = torch.matmul((self.gamma * content).unsqueeze(1), q)  # (B, h, |v|, N)
         embedding = self.gamma * self.embedding
         v_maps = v.view(b * self.dim_v, self.dim_u, hh, ww)
         if torch.is_grad_enabled() and (q.requires_grad or v.requires_grad or embedding.requires_grad):
