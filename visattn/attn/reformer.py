@@ -166,7 +166,10 @@ class Reformer(AttnBlock):
             perm, inv = sort_with_inverse(buckets * n_pad + pos)
             qpos = perm.unflatten(-1, (nc, m))  # raster position of each sorted slot
             kpos = _look_back(qpos, 3, back)  # raster position of each key of each chunk's window
-            penalty = self._penalty(buckets, inv, qpos, kpos, m, nb, back, n)
+            if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+                penalty = _penalty_op(buckets, inv, qpos, kpos, m, nb, back, n, *self._penalty_flags())
+            else:
+                penalty = self._penalty(buckets, inv, qpos, kpos, m, nb, back, n)
 
         sq = gather_tokens(qk, perm).unflatten(3, (nc, m))  # (b, h, R, nc, m, d)
         # The padding keys are zero vectors: F.normalize's default eps (1e-12) is 0 in float16, giving 0/0.
@@ -194,6 +197,9 @@ class Reformer(AttnBlock):
         out = merge_rounds(out, lse.flatten(3).gather(-1, inv), dim=2)[:, :, :n]
         out = self.proj(rearrange(out, "b h n d -> b n (h d)"))
         return x + to_map(out, height, width)
+
+    def _penalty_flags(self) -> tuple[bool, bool, bool, int]:
+        return self.causal, self.attend_across_buckets, self.allow_duplicates, self.n_hashes
 
     def _penalty(self, buckets, inv, qpos, kpos, m: int, nb: int, back: int, n: int) -> torch.Tensor:
         """What to subtract from the logits, (b * h * R * nc, m, w) or a broadcastable (m, w): inf for keys
@@ -318,6 +324,10 @@ def _look_back(x: torch.Tensor, chunk_dim: int, back: int) -> torch.Tensor:
     ``chunk_dim + 1``; wrapped chunks are excluded by the masks (later in the sort, other buckets)."""
     if back == 0:
         return x
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        # Inductor turns the index_select below into scalar indirect loads and its backward into a scalar
+        # scatter-add; rolls and a concatenation are plain strided copies (and adds) that it vectorises.
+        return torch.cat([x.roll(k, chunk_dim) for k in range(back + 1)], dim=chunk_dim + 1)
     lead, nc, tail = x.shape[:chunk_dim], x.shape[chunk_dim], x.shape[chunk_dim + 1 :]
     chunk = torch.arange(nc, device=x.device)
     # One index_select of whole chunks as rows (chunk c's window: rows c, c-1, ... of its group): a
@@ -326,3 +336,50 @@ def _look_back(x: torch.Tensor, chunk_dim: int, back: int) -> torch.Tensor:
     rows = (torch.arange(math.prod(lead), device=x.device).unsqueeze(-1) * nc + order).flatten()
     windows = x.reshape(math.prod(lead) * nc, -1).index_select(0, rows)
     return windows.view(*lead, nc, (back + 1) * tail[0], *tail[1:])
+
+
+class _PenaltySpec:
+    """The settings :meth:`Reformer._penalty` reads and the methods it calls, without a module (for
+    :func:`_penalty_op`, whose arguments are tensors and plain values)."""
+
+    _penalty, _codes, _counts = Reformer._penalty, Reformer._codes, Reformer._counts
+
+    def __init__(self, causal: bool, attend_across_buckets: bool, allow_duplicates: bool, n_hashes: int):
+        self.causal, self.attend_across_buckets = causal, attend_across_buckets
+        self.allow_duplicates, self.n_hashes = allow_duplicates, n_hashes
+
+
+# Under torch.compile the penalty (integer de-duplication counts and masks, no gradient) runs as one opaque
+# call of the eager code: inductor inlines its gathers and look-back index_selects into the pairwise
+# (query, key, round) loop as scalar indirect loads with int64 div/mod and bounds checks, recomputed for
+# every logit and round, which made the compiled forward+backward about 6.7x slower than eager at 64x64.
+@torch.library.custom_op("visattn::reformer_penalty", mutates_args=())
+def _penalty_op(
+    buckets: torch.Tensor,
+    inv: torch.Tensor,
+    qpos: torch.Tensor,
+    kpos: torch.Tensor,
+    m: int,
+    nb: int,
+    back: int,
+    n: int,
+    causal: bool,
+    attend_across_buckets: bool,
+    allow_duplicates: bool,
+    n_hashes: int,
+) -> torch.Tensor:
+    """:meth:`Reformer._penalty` as a custom op (see above); its output is a fresh tensor."""
+    spec = _PenaltySpec(causal, attend_across_buckets, allow_duplicates, n_hashes)
+    return spec._penalty(buckets, inv, qpos, kpos, m, nb, back, n)
+
+
+@_penalty_op.register_fake
+def _penalty_fake(
+    buckets, inv, qpos, kpos, m, nb, back, n, causal, attend_across_buckets, allow_duplicates, n_hashes
+):
+    dedup = not (allow_duplicates or n_hashes == 1)
+    masked = causal or not attend_across_buckets or buckets.shape[-1] > n
+    w = kpos.shape[-1]
+    if dedup or masked:
+        return qpos.new_empty((math.prod(qpos.shape[:-1]), m, w), dtype=torch.float32)
+    return qpos.new_empty((m, w), dtype=torch.float32)

@@ -202,6 +202,30 @@ def orthogonal_gaussian(
     return (directions * norms.unsqueeze(1)).to(dtype)
 
 
+@torch.library.custom_op("visattn::random_features_step", mutates_args=("weight", "calls"))
+def _random_features_step(
+    weight: torch.Tensor,
+    calls: torch.Tensor,
+    seed: torch.Tensor,
+    interval: int,
+    orthogonal: bool,
+    scaling: str,
+) -> None:
+    """:meth:`RandomFeatures.step` in training: ``calls += 1``, and every ``interval`` calls ``weight``
+    becomes draw ``calls // interval`` of :func:`orthogonal_gaussian` from a generator seeded ``seed`` plus
+    that index (draw i of a layer is the same in every run, eager or compiled)."""
+    calls += 1
+    count = int(calls)
+    if count % interval == 0:
+        weight.copy_(_seeded_draw(*weight.shape, orthogonal, scaling, int(seed) + count // interval))
+
+
+def _seeded_draw(num_features: int, dim: int, orthogonal: bool, scaling: str, seed: int) -> torch.Tensor:
+    """:func:`orthogonal_gaussian` from a fresh CPU generator seeded ``seed`` (float32, CPU)."""
+    gen = torch.Generator().manual_seed(seed)
+    return orthogonal_gaussian(num_features, dim, orthogonal=orthogonal, scaling=scaling, generator=gen)
+
+
 class RandomFeatures(nn.Module):
     """A random projection ω of shape (num_features, dim) in a buffer, drawn from a seeded generator.
 
@@ -244,20 +268,23 @@ class RandomFeatures(nn.Module):
 
     def draw(self, index: int) -> torch.Tensor:
         """The projection of draw ``index`` (CPU, float32)."""
-        gen = torch.Generator().manual_seed(int(self.seed) + index)
-        return orthogonal_gaussian(
-            self.num_features, self.dim, orthogonal=self.orthogonal, scaling=self.scaling, generator=gen
+        return _seeded_draw(
+            self.num_features, self.dim, self.orthogonal, self.scaling, int(self.seed) + index
         )
 
     @torch.no_grad()
     def step(self) -> None:
-        """Count a training call and redraw when the interval is reached (call it in forward)."""
+        """Count a training call and redraw when the interval is reached (call it in forward).
+
+        The count and the redraw run in one custom op (:func:`_random_features_step`): whether to redraw
+        depends on the counter's value and the draw needs a CPU generator, neither of which a compiled
+        graph can hold, so ``torch.compile(fullgraph=True)`` keeps the op as one opaque call that mutates
+        ``calls`` and ``weight`` (the same draws at the same calls as eager)."""
         if not self.training or self.redraw_interval == 0:
             return
-        self.calls += 1
-        calls = int(self.calls)
-        if calls % self.redraw_interval == 0:
-            self.weight.copy_(self.draw(calls // self.redraw_interval))
+        _random_features_step(
+            self.weight, self.calls, self.seed, self.redraw_interval, self.orthogonal, self.scaling
+        )
 
     def extra_repr(self) -> str:
         return f"num_features={self.num_features}, dim={self.dim}, redraw_interval={self.redraw_interval}"
