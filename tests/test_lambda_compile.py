@@ -1,6 +1,6 @@
 """Lambda under torch.compile (issue 16): the reformulated block against the old formulation, and its
 batch-1 gradient, which torch 2.14's eager CPU BatchNorm backward got wrong in the old formulation
-(tools/repro/inductor_bn_slice_grad.py); inductor was right, so compiled and eager disagreed."""
+(tools/repro/cpu_batchnorm_backward_strided_grad.py); inductor was right, so compiled and eager disagreed."""
 
 from __future__ import annotations
 

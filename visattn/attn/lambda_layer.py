@@ -67,7 +67,7 @@ class _PositionOutput(torch.autograd.Function):
             lam = _position_lambdas(v, embedding, q.shape[0]) if lam is None else lam
             grad_q = rearrange(torch.matmul(grad.transpose(-1, -2), lam), "b n h k -> b h k n")
             # Contiguous for the queries' BatchNorm: its CPU backward goes wrong on this permuted
-            # layout at B = 1 (tools/repro/inductor_bn_slice_grad.py).
+            # layout at B = 1 (tools/repro/cpu_batchnorm_backward_strided_grad.py).
             grad_q = grad_q.contiguous()
         if need_v or need_e:
             hh, r = v.shape[-2], embedding.shape[-1]
@@ -178,7 +178,7 @@ class LambdaLayer(AttnBlock):
         # The content lambda is formed transposed, (|v|, |k|) = V softmax(K)ᵀ, so that V's gradient comes
         # back contiguous: from softmax(K) Vᵀ it would be a transposed view, and at B = 1 (batch stride
         # |v|) CPU BatchNorm backward computes a wrong gradient from it (torch 2.14; see
-        # tools/repro/inductor_bn_slice_grad.py). Same products, same values in forward.
+        # tools/repro/cpu_batchnorm_backward_strided_grad.py). Same products, same values in forward.
         content = torch.matmul(v.view(b, self.dim_v, -1), k.view(b, self.dim_k, -1).transpose(1, 2))
         y = torch.matmul((self.gamma * content).unsqueeze(1), q)  # (B, h, |v|, N)
         embedding = self.gamma * self.embedding
