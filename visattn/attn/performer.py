@@ -40,8 +40,8 @@ class Performer(KernelAttnBlock):
 
     The projection W lives in a buffer drawn from a seeded generator (deterministic in eval,
     restored by load_state_dict); in training it is redrawn every ``redraw_interval`` forward calls,
-    counted in a buffer (the Python-side redraw check makes a training step a graph break under
-    torch.compile; eval is a single graph).
+    counted in a buffer (count and redraw are one custom op, so training compiles as a single graph
+    too, with the same draws at the same calls as eager).
 
     Args:
         channels: input channels C.
