@@ -162,12 +162,10 @@ def test_markdown_summary_and_section_keep_the_rest_of_the_page(tmp_path):
     assert table[3] == "| `cbam` | 10 | 5 | 0.50 | 5 | 2e-06 | ok |"
     assert table[4].startswith("| `performer` | - | - | - | - | - | error: KeyError: 'x' |")
     assert table[5].endswith("| 0.80 | 5 | 2e-06 | ok (3 graphs: recompiled) |")
-    long = _row("slim", math.nan, status="graph break: UserError: " + "x " * 200)
-    cells = [
-        cb._status_cell(r, cb.REASONS) for r in (long, _row("performer", math.nan, status="graph break: U"))
-    ]
-    assert cells[0].startswith("graph break: the training-mode feature redraw")
-    assert cells[1].startswith("graph break: the training-mode feature redraw")
+    long = _row("permutohedral", math.nan, status="graph break: UserError: " + "x " * 200)
+    cells = [cb._status_cell(r, cb.REASONS) for r in (long, _row("slim", math.nan, status="graph break: U"))]
+    assert cells[0].startswith("graph break: a `torch.Generator` created in forward")
+    assert cells[1] == "graph break: U"  # slim compiles fullgraph in training now: no canned reason
     other = cb._status_cell(long, {})
     assert len(other) <= 160 and other.endswith("x ...") and other.startswith("graph break: UserError: x x")
     text = cb.summary(rows)
@@ -230,3 +228,33 @@ def test_inductor_on_a_tiny_block_matches_eager():
     )
     assert row.status == "ok" and row.graphs == 1 and row.graph_breaks == 0
     assert row.max_out_err <= row.tolerance and row.max_grad_err <= row.tolerance and row.compile_s > 0
+
+
+def test_merge_replaces_rows_of_the_remeasured_blocks_and_says_so(tmp_path):
+    base, new = tmp_path / "base.json", tmp_path / "new.json"
+    cb.write_compiled_json(
+        [_row("axial", 1.25), _row("cbam", 0.5)], base, meta={"started": "then", "rounds": 3}
+    )
+    cb.write_compiled_json(
+        [_row("cbam", 0.4), _row("zeta", 0.9)],
+        new,
+        meta={"started": "now", "load_before": 1.5, "load_after": 2},
+    )
+    cb.merge_compiled(base, new)
+    meta, rows = cb.read_compiled_json(base)
+    assert [(r.name, r.ratio) for r in rows] == [("axial", 1.25), ("cbam", 0.4), ("zeta", 0.9)]
+    assert meta["started"] == "then"
+    assert meta["remeasured"] == [
+        {"started": "now", "load_before": 1.5, "load_after": 2, "names": ["cbam", "zeta"]}
+    ]
+    assert (
+        "Re-measured after a change to the block, in a later run (now, load average 1.5 before and 2 after"
+        in (cb.compiled_section(meta, rows))
+    )
+    other = tmp_path / "other.json"
+    narrow = cb.CompiledRow(**{**_row("cbam", 0.4).__dict__, "channels": 32})
+    cb.write_compiled_json([narrow], other, meta={})
+    before = base.read_bytes()
+    with pytest.raises(ValueError, match="different settings"):
+        cb.merge_compiled(base, other)
+    assert base.read_bytes() == before  # nothing written when the check fails

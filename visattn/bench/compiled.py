@@ -325,12 +325,6 @@ def format_compiled(rows: Sequence[CompiledRow]) -> str:
 # Why a block does not compile fullgraph in training mode (or fails the check), where the cause is known
 # from its code; shown in the docs table instead of the compiler's long message.
 REASONS: dict[str, str] = {
-    "performer": "the training-mode feature redraw (`int(calls) % redraw_interval`, RandomFeatures.step) "
-    "is a data-dependent Python branch; eval compiles fullgraph (docs/support.md)",
-    "slim": "the training-mode feature redraw (RandomFeatures.step, as performer) is a data-dependent Python "
-    "branch; eval compiles fullgraph (docs/support.md)",
-    "rfa": "training mode redraws its random features every call from a `torch.Generator` created in forward "
-    "(an opaque object to dynamo); eval compiles fullgraph (docs/support.md)",
     "permutohedral": "a `torch.Generator` created in forward and a data-dependent lattice size; no fullgraph "
     "in eval either (docs/support.md)",
 }
@@ -447,6 +441,12 @@ def compiled_section(
     ]
     if missing:
         body.append(f"Not measured (the run ended first): {', '.join(f'`{n}`' for n in missing)}.")
+    for later in meta.get("remeasured", []):
+        body.append(
+            f"Re-measured after a change to the block, in a later run ({later['started']}, load average "
+            f"{later.get('load_before', '?')} before and {later.get('load_after', '?')} after; rows merged by "
+            f"`python -m visattn.bench.compiled merge`): {', '.join(f'`{n}`' for n in later['names'])}."
+        )
     body += [f"\n{note}" for note in notes]
     return "\n".join(body)
 
@@ -542,11 +542,42 @@ def _doc_main(argv: list[str]) -> None:
     print(f"wrote {args.page}")
 
 
+def merge_compiled(base: str | Path, new: str | Path) -> None:
+    """Replace ``base``'s rows by ``new``'s rows of the same blocks (a later run after a change to them),
+    recording which blocks were re-measured, when and under what load; ``base`` is rewritten atomically,
+    only after both files have been read and checked."""
+    meta, rows = read_compiled_json(base)
+    new_meta, new_rows = read_compiled_json(new)
+    if not new_rows:
+        raise ValueError(f"{new}: no rows to merge")
+    settings = {(r.batch, r.channels, r.height, r.width, r.dtype, r.backend) for r in [*rows, *new_rows]}
+    if len(settings) > 1:
+        raise ValueError(f"merge: {base} and {new} were measured at different settings {sorted(settings)}")
+    by_name = {r.name: r for r in new_rows}
+    merged = [by_name.pop(r.name, r) for r in rows] + list(by_name.values())
+    later = {k: new_meta.get(k) for k in ("started", "load_before", "load_after")}
+    later["names"] = sorted(r.name for r in new_rows)
+    meta = {**meta, "remeasured": [*meta.get("remeasured", []), later]}
+    write_compiled_json(merged, base, meta=meta)
+
+
+def _merge_main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m visattn.bench.compiled merge")
+    parser.add_argument("base", type=Path, help="the docs' JSON (rewritten)")
+    parser.add_argument("new", type=Path, help="a later `measure --names ...` run")
+    args = parser.parse_args(argv)
+    merge_compiled(args.base, args.new)
+    print(f"merged {args.new} into {args.base}")
+
+
 if __name__ == "__main__":
     import sys
 
-    commands = {"measure": _measure_main, "doc": _doc_main}
+    commands = {"measure": _measure_main, "doc": _doc_main, "merge": _merge_main}
     if sys.argv[1:2] and sys.argv[1] in commands:
         commands[sys.argv[1]](sys.argv[2:])
     else:
-        raise SystemExit("usage: python -m visattn.bench.compiled {measure OUT.json | doc IN.json} [options]")
+        raise SystemExit(
+            "usage: python -m visattn.bench.compiled {measure OUT.json | doc IN.json | merge BASE.json NEW.json}"
+            " [options]"
+        )
