@@ -216,7 +216,8 @@ class ProductKeyMemory(AttnBlock):
         b, n, c = tokens.shape
         scores, slots = self.lookup(tokens.reshape(b * n, c))
         weight = self.values.weight
-        w = F.softmax(scores.float(), dim=-1).to(weight.dtype)
+        # Softmax in at least float32; float64 stays float64 (a float32 softmax made its gradient noise).
+        w = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(weight.dtype)
         slots, w = slots.reshape(b * n, -1), w.reshape(b * n, -1)
         if _value_read_backend(weight.device, weight.dtype, self.value_read) == "bag":
             mem = self.values(slots, per_sample_weights=w)

@@ -194,7 +194,9 @@ class TaLK(AttnBlock):
         """Continuous box edges (y0, y1, x0, x1), each (B * heads, H, W), for the projected map ``v``."""
         h, w = v.shape[-2:]
         up, down, left, right = self.max_extent
-        a = self.offset_drop(torch.sigmoid(self.offsets(v))).float()
+        # At least float32 (half-precision edges are too coarse), never below the input's precision.
+        a = self.offset_drop(torch.sigmoid(self.offsets(v)))
+        a = a.to(torch.promote_types(a.dtype, torch.float32))
         a = rearrange(a, "b (k n) h w -> k (b n) h w", n=self.heads)
         i = torch.arange(h, device=v.device, dtype=a.dtype).view(h, 1)
         j = torch.arange(w, device=v.device, dtype=a.dtype).view(1, w)
@@ -212,7 +214,7 @@ class TaLK(AttnBlock):
     def talk(self, v: torch.Tensor) -> torch.Tensor:
         """The TaLK operator on the projected map ``v`` (B, C, H, W): box mean (or sum / max area)."""
         y0, y1, x0, x1 = self.box_edges(v)
-        vf = rearrange(v.float(), "b (n c) h w -> (b n) h w c", n=self.heads)
+        vf = rearrange(v.to(y0.dtype), "b (n c) h w -> (b n) h w c", n=self.heads)
         # box_sum(v - s) + s * area == box_sum(v) for any s: a per-channel shift near the values makes
         # the table hold centred sums, which cancel far less in float32. Detached, so gradients stay
         # exactly those of the box; the causal shift is the first pixel, which every pixel may see.

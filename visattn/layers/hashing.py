@@ -244,5 +244,8 @@ def merge_rounds(out: torch.Tensor, lse: torch.Tensor, dim: int) -> torch.Tensor
     (same shape without d) along round ``dim``: weights softmax_r(lse_r), i.e. one softmax over the
     union (with multiplicity) of the keys seen in every round."""
     out_dim = dim if dim >= 0 else dim - 1
-    weights = torch.softmax(lse.float(), dim=dim).to(out.dtype).unsqueeze(-1)
+    # At least float32, never below the input's precision (float64 rounded to float32 here made the
+    # merged output's gradient wrong at the 1e-7 level).
+    weights = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=dim)
+    weights = weights.to(out.dtype).unsqueeze(-1)
     return (out * weights).sum(dim=out_dim)
