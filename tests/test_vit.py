@@ -336,3 +336,37 @@ def test_vit_create_model_result_round_trips_through_local_dir(tmp_path, images,
     again = visattn.create_model(f"local-dir:{tmp_path / 'vit'}").eval()
     with torch.no_grad():
         assert torch.equal(again(images["160x96"]), model(images["160x96"]))
+
+
+@pytest.mark.parametrize("attn", sorted(MIXERS))
+def test_mixer_gradients_match_finite_differences(attn):
+    """A tiny fp64 ViT (embed 16, depth 1, 2 heads, a 3 x 4 patch grid) with the mixer: gradients of the
+    input and of every parameter equal finite differences at batch 1 (gradcheck's fast mode). Training
+    mode, except mixers of blocks that draw at random in training (test_contract.RANDOM_IN_TRAINING)."""
+    from test_contract import RANDOM_IN_TRAINING
+
+    torch.manual_seed(0)
+    model = visattn.create_model(
+        NAME, attn, embed_dim=16, depth=1, num_heads=2, dynamic_img_size=True, num_classes=4
+    ).double()
+    model.train(attn not in RANDOM_IN_TRAINING)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # zero-initialised parts of a core would hide its path from the check
+        for p in model.parameters():
+            if p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    names = [n for n, _ in model.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    # Fresh buffers every call: rfa's random features are redrawn in place in training.
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    x = torch.randn(1, 3, 48, 64, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, *ps):
+        state = {n: b.clone() for n, b in buffers.items()}
+        state.update(zip(names, ps))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(3)
+            return torch.func.functional_call(model, state, (x,))
+
+    torch.manual_seed(4)
+    assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
