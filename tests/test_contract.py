@@ -217,13 +217,6 @@ SURROGATE_GRADIENT_EXACT = {
     # Straight-through gate on the hard top-alpha edge choice: exact for q/k/v and the output projection.
     "sac": ("qkv.", "proj."),
 }
-# Known wrong gradients in files owned elsewhere (reported, not fixed here); strict, so a fix shows up.
-KNOWN_WRONG_GRADIENT = {
-    ("performer_v1", (6, 7)): (
-        "linear_attention's key_stabilizer shift is detached, but num / (den + eps) is not invariant to "
-        "it with eps > 0; trig features give near-zero denominators, where the missing term is large"
-    ),
-}
 GRAD_C = 16
 
 
@@ -266,13 +259,10 @@ def _gradcheck_setup(name: str, batch: int, h: int, w: int):
     ("batch", "h", "w"), [(1, 6, 7), (2, 6, 7), (1, 5, 3)], ids=["b1-6x7", "b2-6x7", "b1-5x3"]
 )
 @pytest.mark.parametrize("name", NAMES)
-def test_gradients_match_finite_differences(name, batch, h, w, request):
+def test_gradients_match_finite_differences(name, batch, h, w):
     """Input and parameter gradients equal central finite differences (float64, gradcheck's fast mode:
     one random projection per input, a few forwards). Batch 1 is where torch 2.14's eager CPU
     BatchNorm backward goes wrong on some gradient layouts (tools/repro/); batch 2 is the usual case."""
-    reason = KNOWN_WRONG_GRADIENT.get((name, (h, w)))
-    if reason:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
     fn, inputs = _gradcheck_setup(name, batch, h, w)
     torch.manual_seed(4)
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
