@@ -337,3 +337,38 @@ def test_benchmarks_doc_vs_dense_section_from_json(tmp_path, monkeypatch):
     )
     assert "1 of 2 measured blocks are faster than dense; at or above 1.0x: `danet`." in text
     assert (tmp_path / "img" / "vs_dense.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_benchmarks_doc_vs_dense_merge_replaces_a_blocks_rows_and_names_them(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from visattn.bench.vs_dense import read_vs_dense_json, write_vs_dense_json
+
+    doc = _load_tool("benchmarks_doc")
+    settings = {"batch": 1, "channels": 64, "dtype": "float32", "rounds": 3, "max_call_s": 3.0}
+    base, new = tmp_path / "base.json", tmp_path / "new.json"
+    write_vs_dense_json(
+        [_ratio_row("cbam", 32, 0.5), _ratio_row("danet", 32, 2.0)],
+        base,
+        meta={**settings, "machine": "cpu", "started": "then", "load_before": 1.0, "load_after": 1.0},
+    )
+    write_vs_dense_json(
+        [_ratio_row("danet", 32, 1.5), _ratio_row("danet", 64, 1.8)],
+        new,
+        meta={**settings, "started": "later", "load_before": 2.5, "load_after": 2.0, "max_call_s": 15.0},
+    )
+    monkeypatch.setattr(sys, "argv", ["x", "vs-dense-merge", str(base), str(new)])
+    doc.main()
+    meta, rows = read_vs_dense_json(base)
+    assert [(r.name, r.height, r.time_ratio) for r in rows] == [
+        ("cbam", 32, 0.5), ("danet", 32, 1.5), ("danet", 64, 1.8)
+    ]  # fmt: skip
+    assert meta["started"] == "then" and meta["remeasured"][0]["names"] == ["danet"]
+    page = tmp_path / "b.md"
+    page.write_text("# Benchmarks\n")
+    argv = ["x", "vs-dense-doc", str(base), "--page", str(page), "--img", str(tmp_path / "img")]
+    monkeypatch.setattr(sys, "argv", argv)
+    doc.main()
+    assert (
+        "Re-measured in a later run (later, load average 2.5 before and 2.0 after, rows skipped above 15"
+        in (page.read_text())
+    )

@@ -8,6 +8,8 @@ written separately, replacing only that section of the page (atomically):
 
 python tools/benchmarks_doc.py vs-dense-measure docs/bench-vs-dense-cpu.json   # ~15 min on 2 shared cores
 python tools/benchmarks_doc.py vs-dense-doc docs/bench-vs-dense-cpu.json       # docs/benchmarks.md + plot
+python tools/benchmarks_doc.py vs-dense-measure new.json --names bpt isa --max-call-s 10   # a few blocks again
+python tools/benchmarks_doc.py vs-dense-merge docs/bench-vs-dense-cpu.json new.json     # ... into the table
 """
 
 from __future__ import annotations
@@ -131,9 +133,39 @@ def vs_dense_doc(argv: list[str]) -> None:
         f" at or above 1.0x: {', '.join(f'`{n}`' for n in above) or 'none'}"
         + (f"; skipped or failed: {', '.join(f'`{n}`' for n in skipped)}." if skipped else "."),
     ]
+    for later in meta.get("remeasured", []):
+        body.append(
+            f"\nRe-measured in a later run ({later['started']}, load average {later.get('load_before', '?')} "
+            f"before and {later.get('load_after', '?')} after, rows skipped above {later.get('max_call_s', '?')} "
+            f"s; merged by `tools/benchmarks_doc.py vs-dense-merge`): "
+            + ", ".join(f"`{n}`" for n in later["names"])
+            + "."
+        )
     page = args.page.read_text()
     atomic_write_text(args.page, vs_dense.replace_section(page, "\n".join(body)))
     print(f"wrote {args.page} and {args.img / 'vs_dense.png'}")
+
+
+def vs_dense_merge(argv: list[str]) -> None:
+    """Replace the rows of the blocks re-measured in a later ``vs-dense-measure --names ...`` run (a block
+    skipped under load, or changed since); the page then names them, with that run's time and load."""
+    from visattn.bench import vs_dense
+
+    parser = argparse.ArgumentParser(prog="benchmarks_doc.py vs-dense-merge")
+    parser.add_argument("base", type=Path, help="the docs' JSON (rewritten)")
+    parser.add_argument("new", type=Path, help="the later run")
+    args = parser.parse_args(argv)
+    meta, rows = vs_dense.read_vs_dense_json(args.base)
+    new_meta, new_rows = vs_dense.read_vs_dense_json(args.new)
+    settings = {(m["batch"], m["channels"], m["dtype"]) for m in (meta, new_meta)}
+    if not new_rows or len(settings) > 1:
+        raise SystemExit(f"vs-dense-merge: {args.new} has no rows or other settings than {args.base}")
+    names = sorted({r.name for r in new_rows})
+    merged = [r for r in rows if r.name not in names] + list(new_rows)
+    later = {k: new_meta.get(k) for k in ("started", "load_before", "load_after", "max_call_s")}
+    meta = {**meta, "remeasured": [*meta.get("remeasured", []), {**later, "names": names}]}
+    vs_dense.write_vs_dense_json(sorted(merged, key=lambda r: (r.name, r.height)), args.base, meta=meta)
+    print(f"merged {len(new_rows)} rows of {', '.join(names)} into {args.base}")
 
 
 def main() -> None:
@@ -141,6 +173,8 @@ def main() -> None:
         return vs_dense_measure(sys.argv[2:])
     if sys.argv[1:2] == ["vs-dense-doc"]:
         return vs_dense_doc(sys.argv[2:])
+    if sys.argv[1:2] == ["vs-dense-merge"]:
+        return vs_dense_merge(sys.argv[2:])
     parser = argparse.ArgumentParser()
     parser.add_argument("sweep")
     parser.add_argument("--peers")
