@@ -372,3 +372,25 @@ def test_benchmarks_doc_vs_dense_merge_replaces_a_blocks_rows_and_names_them(tmp
         "Re-measured in a later run (later, load average 2.5 before and 2.0 after, rows skipped above 15"
         in (page.read_text())
     )
+
+
+def test_saved_activation_bytes_frees_the_graph_it_measured():
+    """A node that saves its own output (exp) must not keep it alive after the measurement: packing the
+    tensor itself made an uncollectable cycle, and every memory pass leaked its activations."""
+    import gc
+    import weakref
+
+    from visattn.bench import saved_activation_bytes
+
+    kept = []
+
+    class SavesOutput(torch.nn.Module):
+        def forward(self, x):
+            y = torch.exp(x * 2)
+            kept.append(weakref.ref(y))
+            return y.sum()
+
+    x = torch.randn(64, 64, requires_grad=True)
+    assert saved_activation_bytes(SavesOutput(), x) >= 64 * 64 * 4
+    gc.collect()
+    assert kept[0]() is None

@@ -57,8 +57,13 @@ def saved_activation_bytes(fn: Callable[..., Any], *args: Any, **kwargs: Any) ->
     saved: list[weakref.ref] = []
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        saved.append(weakref.ref(t))
-        return t
+        # A detached alias (same storage): packing ``t`` itself would make a node that saves its own
+        # output (exp, sigmoid, softmax) hold that output and, through its grad_fn, itself: a cycle of
+        # autograd nodes that Python's collector cannot free, so every call leaked its activations
+        # (tools/vit_speed.py reached 20 GiB and was killed).
+        held = t.detach()
+        saved.append(weakref.ref(held))
+        return held
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*args, **kwargs)
