@@ -33,7 +33,7 @@ REASONS: dict[str, str] = {
     "synthesizer": "declared O(N²): synthesised N x N logits per head are materialised (no q·k, so no fused SDPA)",
     "etc": "declared O(N²) in its g² global term (g = N/P² global tokens attend each other), plus pattern gathers",
     "reformer": "fixed cost per token: hash, argsort and gather per hash round, then attention over 2 chunks per "
-    "round; O(N log N) with a large constant (0.74x in the issue's quiet run: load-sensitive)",
+    "round; O(N log N) with a large constant (below 1.0x from 96x96 since the de-duplication rewrite)",
     "scram": "PatchMatch's propagation and random-search steps are many small gather kernels (per-token overhead)",
     "pkm": "top-k over product keys and EmbeddingBag gathers: a large per-token constant at small N",
 }
