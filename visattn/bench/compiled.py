@@ -26,14 +26,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import io
-import json
 import math
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,6 +39,7 @@ import torch.nn as nn
 from ..atomic import atomic_write_text
 from ..registry import create_attn
 from .measure import saved_activation_bytes
+from .rows_io import read_rows_json, write_rows_csv, write_rows_json
 from .runner import _progress
 from .vs_dense import _benchmark_ms, _sync, interleaved_ratio, load_average, machine_description
 
@@ -453,29 +451,22 @@ def compiled_section(
 
 def write_compiled_json(rows: Sequence[CompiledRow], path: str | Path, meta: dict | None = None) -> None:
     """Rows and ``meta`` as JSON, written atomically."""
-    payload = {"meta": {"torch": torch.__version__, **(meta or {})}, "rows": [asdict(r) for r in rows]}
-    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
+    write_rows_json(rows, path, meta)
 
 
 def write_compiled_csv(rows: Sequence[CompiledRow], path: str | Path) -> None:
     """Rows as CSV (one column per :class:`CompiledRow` field), written atomically."""
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=list(CompiledRow.__dataclass_fields__))
-    writer.writeheader()
-    writer.writerows(asdict(r) for r in rows)
-    atomic_write_text(path, buf.getvalue())
+    write_rows_csv(rows, CompiledRow, path)
 
 
 def read_compiled_json(path: str | Path) -> tuple[dict, list[CompiledRow]]:
     """(meta, rows) of a file written by :func:`write_compiled_json`; ValueError naming the file otherwise."""
-    try:
-        data = json.loads(Path(path).read_text())
-        return data["meta"], [CompiledRow(**r) for r in data["rows"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"bench --compiled: {path} is not an eager-vs-compiled JSON file ({type(err).__name__}: {err}); "
-            "write one with `python -m visattn.bench.compiled measure PATH`"
-        ) from err
+    return read_rows_json(
+        path,
+        CompiledRow,
+        "bench --compiled: {path} is not an eager-vs-compiled JSON file ({cause}); "
+        "write one with `python -m visattn.bench.compiled measure PATH`",
+    )
 
 
 def _measure_main(argv: list[str]) -> None:

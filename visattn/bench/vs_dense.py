@@ -15,27 +15,24 @@ from which on the block is faster than dense at every larger side of the grid.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from torch.utils import benchmark
 
-from ..atomic import atomic_write_text
 from ..layers import to_map, to_tokens
 from ..layers.attention import MultiHeadAttention, default_heads, resolve_heads
 from ..registry import attn_info, create_attn
 from .measure import saved_activation_bytes
+from .rows_io import read_rows_json, write_rows_csv, write_rows_json
 from .runner import _progress
 
 __all__ = [
@@ -453,25 +450,18 @@ def load_average() -> str:
 
 def write_vs_dense_json(rows: Sequence[DenseRatio], path: str | Path, meta: dict | None = None) -> None:
     """Rows and ``meta`` as JSON, written atomically."""
-    payload = {"meta": {"torch": torch.__version__, **(meta or {})}, "rows": [asdict(r) for r in rows]}
-    atomic_write_text(path, json.dumps(payload, indent=1, default=str))
+    write_rows_json(rows, path, meta)
 
 
 def write_vs_dense_csv(rows: Sequence[DenseRatio], path: str | Path) -> None:
     """Rows as CSV (one column per :class:`DenseRatio` field), written atomically."""
-    buf = io.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=list(DenseRatio.__dataclass_fields__))
-    writer.writeheader()
-    writer.writerows(asdict(r) for r in rows)
-    atomic_write_text(path, buf.getvalue())
+    write_rows_csv(rows, DenseRatio, path)
 
 
 def read_vs_dense_json(path: str | Path) -> tuple[dict, list[DenseRatio]]:
     """(meta, rows) of a file written by :func:`write_vs_dense_json`; ValueError naming the file otherwise."""
-    try:
-        data = json.loads(Path(path).read_text())
-        return data["meta"], [DenseRatio(**r) for r in data["rows"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(
-            f"vs-dense: {path} is not a vs-dense JSON file ({type(err).__name__}: {err})"
-        ) from err
+    return read_rows_json(
+        path,
+        DenseRatio,
+        "vs-dense: {path} is not a vs-dense JSON file ({cause})",
+    )
