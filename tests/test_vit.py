@@ -14,12 +14,11 @@ import pytest
 import timm
 import torch
 from safetensors.torch import save_file
+from vit_helpers import NAME, TINY, build_vit, random_dense_state
 
 import visattn
 from visattn.models.vit import MIXERS, ViTMixer, attach_grid, mixer_class
 
-NAME = "vit_small_patch16_224"
-TINY = dict(embed_dim=32, depth=2, num_heads=2, reg_tokens=1, dynamic_img_size=True)
 # A setting with exactly dense attention on every grid used below (at most 14 x 14 patches).
 DENSE_LIMIT = {
     "nonlocal": {},
@@ -38,62 +37,6 @@ DENSE_LIMIT = {
 }
 
 
-def _random_dense_state(qk_gain: float = 2.0, **kwargs) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, **kwargs)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    for k, v in state.items():
-        # timm's 0.02-std init makes every residual branch tiny; unit-gain weights make attention matter.
-        if v.dim() == 2 and k != "head.weight":
-            v.normal_(0, v.shape[1] ** -0.5, generator=g)
-        if k.endswith("attn.qkv.weight"):  # q and k rows: peaked attention maps
-            v[: 2 * v.shape[1]] *= qk_gain
-    return state
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vit") / "tiny_vit.safetensors"
-    save_file(_random_dense_state(**TINY), str(path))
-    return path
-
-
-def _build(attn, path, **attn_kwargs):
-    return visattn.create_model(
-        NAME,
-        attn,
-        attn_kwargs=attn_kwargs or None,
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        **TINY,
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def soft_file(tmp_path_factory):
-    """Milder q/k (FAVOR+ random features converge only for moderate q·k, as the Performer paper notes)."""
-    path = tmp_path_factory.mktemp("vit") / "soft_vit.safetensors"
-    save_file(_random_dense_state(qk_gain=0.5, **TINY), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def dense(tiny_file):
-    return timm.create_model(
-        NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(tiny_file)), **TINY
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(1)
-    return {
-        "224": torch.randn(1, 3, 224, 224, generator=g),
-        "160x96": torch.randn(2, 3, 160, 96, generator=g),
-    }
-
-
 def test_list_attns_vit_is_the_capability_table():
     mixers = visattn.list_attns(vit=True)
     assert mixers == sorted(MIXERS)
@@ -106,7 +49,7 @@ def test_list_attns_vit_is_the_capability_table():
 @pytest.mark.parametrize("attn", sorted(MIXERS))
 def test_pretrained_keys_forward_backward(attn, tiny_file, dense, images, caplog):
     with caplog.at_level(logging.INFO, logger="visattn.models.vit"):
-        model = _build(attn, tiny_file)
+        model = build_vit(attn, tiny_file)
     assert isinstance(model, timm.models.VisionTransformer)
     mixers = [m for m in model.modules() if isinstance(m, ViTMixer)]
     assert len(mixers) == 2 and all(m.method == attn for m in mixers)
@@ -137,7 +80,7 @@ def test_pretrained_keys_forward_backward(attn, tiny_file, dense, images, caplog
 
 @pytest.mark.parametrize("attn", sorted(DENSE_LIMIT))
 def test_dense_limit_equals_timm_dense(attn, tiny_file, dense, images):
-    model = _build(attn, tiny_file, **DENSE_LIMIT[attn])
+    model = build_vit(attn, tiny_file, **DENSE_LIMIT[attn])
     with torch.no_grad():
         for key, x in images.items():
             err = (model(x) - dense(x)).abs().max().item()
@@ -162,7 +105,7 @@ SMALL_BUDGET = {
 )
 def test_non_dense_settings_differ_from_dense(attn, tiny_file, dense, images):
     """The equality above is not trivial: these key sets / kernels change the logits visibly."""
-    model = _build(attn, tiny_file, **SMALL_BUDGET.get(attn, {}))
+    model = build_vit(attn, tiny_file, **SMALL_BUDGET.get(attn, {}))
     with torch.no_grad():
         x = images["160x96"]
         assert (model(x) - dense(x)).abs().max().item() > 1e-3
@@ -174,7 +117,7 @@ def _errors(attn, path, x, settings):
     ).eval()
     with torch.no_grad():
         ref = dense(x)
-        return [(_build(attn, path, **s)(x) - ref).square().mean().sqrt().item() for s in settings]
+        return [(build_vit(attn, path, **s)(x) - ref).square().mean().sqrt().item() for s in settings]
 
 
 @pytest.mark.parametrize(
@@ -201,7 +144,7 @@ def test_error_to_dense_shrinks_with_budget(attn, settings, soft_file, images):
 def test_prefix_tokens_are_global(tiny_file, images):
     """A patch far outside a 3 x 3 window still changes the class token's output (it attends everything), and
     the class token's input changes every patch output (everything attends it)."""
-    model = _build("longformer", tiny_file, kernel_size=3)
+    model = build_vit("longformer", tiny_file, kernel_size=3)
     attn = model.blocks[0].attn
     x = torch.randn(1, 2 + 10 * 6, 32, requires_grad=True)
     attn._grid_ctx.grid = (10, 6)
@@ -214,7 +157,7 @@ def test_prefix_tokens_are_global(tiny_file, images):
 
 def test_window_receptive_field_on_the_2d_grid(tiny_file):
     """Patch tokens lie on the H x W grid in raster order: a 3 x 3 window reads its 2D neighbours only."""
-    model = _build("longformer", tiny_file, kernel_size=3)
+    model = build_vit("longformer", tiny_file, kernel_size=3)
     attn = model.blocks[0].attn
     attn._grid_ctx.grid = (10, 6)
     x = torch.randn(1, 2 + 60, 32, requires_grad=True)
@@ -232,7 +175,7 @@ def test_a_deep_copy_hears_its_own_grid(tiny_file, images):
     patch_embed reported to the original's mixers and the copy guessed a square grid (0.078 off at 160x96)."""
     import copy
 
-    model = _build("longformer", tiny_file, kernel_size=3)
+    model = build_vit("longformer", tiny_file, kernel_size=3)
     twin = copy.deepcopy(model)
     with torch.no_grad():
         assert torch.equal(twin(images["160x96"]), model(images["160x96"]))
@@ -240,7 +183,7 @@ def test_a_deep_copy_hears_its_own_grid(tiny_file, images):
 
 def test_real_vit_small_shapes(tmp_path, caplog):
     path = tmp_path / "vit_small.safetensors"
-    save_file(_random_dense_state(), str(path))
+    save_file(random_dense_state(), str(path))
     overlay = dict(file=str(path))
     dense = timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=overlay).eval()
     model = visattn.create_model(

@@ -19,10 +19,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-import timm
 import torch
-from safetensors.torch import save_file
-from test_vit import NAME, TINY, _build, _random_dense_state
+from vit_helpers import NAME, TINY, build_vit
 
 import visattn
 from visattn.layers.mixers import KroneckerCore, LinformerCore, MemoryCompressedCore
@@ -193,32 +191,10 @@ def test_memory_compressed_init_is_the_cell_mean():
 # ---------------------------------------------------------------- dense limits on the model (logits)
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vitc") / "tiny_vit.safetensors"
-    save_file(_random_dense_state(**TINY), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def dense(tiny_file):
-    overlay = dict(file=str(tiny_file))
-    return timm.create_model(NAME, pretrained=True, pretrained_cfg_overlay=overlay, **TINY).eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(1)
-    return {
-        "224": torch.randn(1, 3, 224, 224, generator=g),
-        "160x96": torch.randn(2, 3, 160, 96, generator=g),
-    }
-
-
 def test_memory_compressed_dense_limit_is_compression_1(tiny_file, dense, images):
     assert MIXERS["memory_compressed"].dense_limit.startswith("compression=1 at initialisation")
-    model = _build("memory_compressed", tiny_file, compression=1)
-    approx = _build("memory_compressed", tiny_file)
+    model = build_vit("memory_compressed", tiny_file, compression=1)
+    approx = build_vit("memory_compressed", tiny_file)
     with torch.no_grad():
         for key, x in images.items():
             ref = dense(x)
@@ -229,8 +205,8 @@ def test_memory_compressed_dense_limit_is_compression_1(tiny_file, dense, images
 def test_linformer_with_identity_projections_is_dense(tiny_file, dense):
     """k = H*W at ref_size = (H, W) with E = F = I: the projected keys are the patch keys."""
     x = torch.randn(2, 3, 80, 112, generator=torch.Generator().manual_seed(2))  # a 5 x 7 patch grid
-    model = _build("linformer", tiny_file, k=35, ref_size=(5, 7))
-    approx = _build("linformer", tiny_file, k=35, ref_size=(5, 7))
+    model = build_vit("linformer", tiny_file, k=35, ref_size=(5, 7))
+    approx = build_vit("linformer", tiny_file, k=35, ref_size=(5, 7))
     with torch.no_grad():
         for block in model.blocks:
             block.attn.core.e.copy_(torch.eye(35))
@@ -242,7 +218,7 @@ def test_linformer_with_identity_projections_is_dense(tiny_file, dense):
 
 def test_kronecker_has_no_dense_limit(tiny_file, dense, images):
     assert MIXERS["kronecker"].dense_limit is None and MIXERS["linformer"].dense_limit is None
-    model = _build("kronecker", tiny_file)
+    model = build_vit("kronecker", tiny_file)
     with torch.no_grad():
         x = images["160x96"]
         assert (model(x) - dense(x)).abs().max().item() > 1e-3
@@ -253,9 +229,9 @@ def test_kronecker_has_no_dense_limit(tiny_file, dense, images):
 
 def test_new_parameter_keys_init_and_gradients(tiny_file, images, caplog):
     with caplog.at_level(logging.INFO, logger="visattn.models.vit"):
-        lin = _build("linformer", tiny_file)
-        mem = _build("memory_compressed", tiny_file)
-        kro = _build("kronecker", tiny_file)
+        lin = build_vit("linformer", tiny_file)
+        mem = build_vit("memory_compressed", tiny_file)
+        kro = build_vit("kronecker", tiny_file)
     log = " ".join(r.getMessage() for r in caplog.records)
     assert "new parameters: blocks.0.attn.core.e, blocks.0.attn.core.f, blocks.1.attn.core.e" in log
     assert "new parameters: blocks.0.attn.core.kv.weight, blocks.0.attn.core.kv.bias" in log

@@ -21,8 +21,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import save_file
-from test_vit import NAME, TINY, _random_dense_state
+from vit_helpers import NAME, TINY, random_dense_state
 
 import visattn
 from visattn.layers.mixer_cores import DnlCore, RfaCore
@@ -169,13 +168,6 @@ def test_batch_independence(core_cls, kwargs):
     torch.testing.assert_close(core(q2, k2, v2, GRID, PREFIX)[:1], both[:1], rtol=0, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vit_kx") / "tiny_vit.safetensors"
-    save_file(_random_dense_state(**TINY), str(path))
-    return path
-
-
 def _build(attn, path, pretrained=True, **attn_kwargs):
     extra = dict(pretrained_cfg_overlay=dict(file=str(path))) if pretrained else {}
     return visattn.create_model(
@@ -194,7 +186,7 @@ NEW_KEYS = {
 def test_new_parameters_keys_init_and_gradients(attn, pretrained, tiny_file):
     torch.manual_seed(0)
     model = _build(attn, tiny_file, pretrained=pretrained).train()
-    dense_keys = set(_random_dense_state(**TINY))
+    dense_keys = set(random_dense_state(**TINY))
     new = sorted(set(model.state_dict()) - dense_keys)
     assert new == sorted(f"blocks.{i}.attn.core.{k}" for i in range(2) for k in NEW_KEYS[attn])
     head_dim = TINY["embed_dim"] // TINY["num_heads"]

@@ -18,7 +18,7 @@ import math
 
 import pytest
 import torch
-from test_vit import NAME, TINY, _build, dense, tiny_file  # noqa: F401  (fixtures)
+from vit_helpers import NAME, TINY, build_vit
 
 import visattn
 from visattn.layers.mixers import EtcCore, SacCore
@@ -213,7 +213,7 @@ def _images():
 
 
 def test_etc_dense_limit_equals_timm_dense(tiny_file, dense):  # noqa: F811
-    model = _build("etc", tiny_file, use_global=False, local_radius=13)
+    model = build_vit("etc", tiny_file, use_global=False, local_radius=13)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if ".core.rel_long" in name:
@@ -224,16 +224,16 @@ def test_etc_dense_limit_equals_timm_dense(tiny_file, dense):  # noqa: F811
     for settings in ({"use_global": False, "local_radius": 13}, {"local_radius": 13}):
         with torch.no_grad():
             x = _images()["160x96"]
-            assert (_build("etc", tiny_file, **settings)(x) - dense(x)).abs().max().item() > 1e-3, settings
+            assert (build_vit("etc", tiny_file, **settings)(x) - dense(x)).abs().max().item() > 1e-3, settings
 
 
 def test_sac_dense_limit_equals_timm_dense(tiny_file, dense):  # noqa: F811
-    model = _build("sac", tiny_file, window=13, alpha=196)
+    model = build_vit("sac", tiny_file, window=13, alpha=196)
     with torch.no_grad():
         for key, x in _images().items():
             assert (model(x) - dense(x)).abs().max().item() <= 1e-5, key
         x = _images()["160x96"]
-        assert (_build("sac", tiny_file)(x) - dense(x)).abs().max().item() > 1e-3
+        assert (build_vit("sac", tiny_file)(x) - dense(x)).abs().max().item() > 1e-3
 
 
 NEW_KEYS = {
@@ -254,7 +254,7 @@ NEW_KEYS = {
 
 @pytest.mark.parametrize("attn", ["etc", "sac"])
 def test_new_parameters_keys_init_and_gradients(attn, tiny_file, dense):  # noqa: F811
-    model = _build(attn, tiny_file)
+    model = build_vit(attn, tiny_file)
     new = sorted(set(model.state_dict()) - set(dense.state_dict()))
     assert new == sorted(f"blocks.{i}.attn.core.{k}" for i in range(2) for k in NEW_KEYS[attn])
     core = model.blocks[1].attn.core
@@ -285,7 +285,7 @@ def test_new_parameters_keys_init_and_gradients(attn, tiny_file, dense):  # noqa
 
 @pytest.mark.parametrize("attn", ["etc", "sac"])
 def test_batch_independence(attn, tiny_file):  # noqa: F811
-    model = _build(
+    model = build_vit(
         attn, tiny_file, **({"patch_size": 2, "local_radius": 1} if attn == "etc" else {"alpha": 5})
     )
     x = torch.randn(3, 3, 80, 112, generator=torch.Generator().manual_seed(2))  # a 5 x 7 grid

@@ -26,36 +26,12 @@ import math
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
-from test_vit import NAME, TINY, _build, _random_dense_state
+from vit_helpers import NAME, TINY, build_vit
 
 from visattn.layers.mixers import CompressiveCore, MemformerCore
 from visattn.models.vit import MIXERS, ViTMixer, mixer_class
 
 GRID, PREFIX = (5, 7), 2
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vit_mem") / "tiny_vit.safetensors"
-    save_file(_random_dense_state(**TINY), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def dense(tiny_file):
-    return timm.create_model(
-        NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(tiny_file)), **TINY
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(1)
-    return {
-        "224": torch.randn(1, 3, 224, 224, generator=g),
-        "160x96": torch.randn(2, 3, 160, 96, generator=g),
-    }
 
 
 def _qkv(batch=2, heads=2, d=3, seed=0):
@@ -213,8 +189,8 @@ def test_memformer_equals_naive_reference():
 
 def test_compressive_dense_limit_equals_timm_dense(tiny_file, dense, images):
     assert MIXERS["compressive"].dense_limit.startswith("band_rows >= H")
-    model = _build("compressive", tiny_file, band_rows=14)
-    near = _build("compressive", tiny_file, band_rows=13)
+    model = build_vit("compressive", tiny_file, band_rows=14)
+    near = build_vit("compressive", tiny_file, band_rows=13)
     with torch.no_grad():
         for key, x in images.items():
             err = (model(x) - dense(x)).abs().max().item()
@@ -225,7 +201,7 @@ def test_compressive_dense_limit_equals_timm_dense(tiny_file, dense, images):
 
 def test_memformer_has_no_dense_limit(tiny_file, dense, images):
     assert MIXERS["memformer"].dense_limit is None
-    model = _build("memformer", tiny_file, band_rows=14)
+    model = build_vit("memformer", tiny_file, band_rows=14)
     with torch.no_grad():
         assert (model(images["224"]) - dense(images["224"])).abs().max().item() > 1e-3
 
@@ -238,7 +214,7 @@ def test_memformer_has_no_dense_limit(tiny_file, dense, images):
     ],
 )
 def test_new_parameters_keys_init_and_gradients(attn, keys, tiny_file, dense, images):
-    model = _build(attn, tiny_file)
+    model = build_vit(attn, tiny_file)
     new = {k: v for k, v in model.state_dict().items() if k not in dense.state_dict()}
     expected = {f"blocks.{i}.attn.core.{k}": shape for i in range(2) for k, shape in keys.items()}
     assert {k: tuple(v.shape) for k, v in new.items()} == expected
@@ -304,7 +280,11 @@ def test_compressive_error_to_dense_shrinks_with_band_rows(tiny_file, dense, ima
     with torch.no_grad():
         ref = dense(images["224"])
         errs = [
-            (_build("compressive", tiny_file, band_rows=b)(images["224"]) - ref).square().mean().sqrt().item()
+            (build_vit("compressive", tiny_file, band_rows=b)(images["224"]) - ref)
+            .square()
+            .mean()
+            .sqrt()
+            .item()
             for b in (2, 4, 7)
         ]
     assert errs[0] > errs[1] > errs[2] > 0, errs

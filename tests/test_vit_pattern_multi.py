@@ -22,8 +22,7 @@ import math
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
-from test_vit import NAME, TINY, _build, _random_dense_state
+from vit_helpers import NAME, TINY, build_vit
 
 from visattn.layers.mixers import BPTCore, JukeboxCore, MultiScaleCore
 from visattn.models.vit import ViTMixer, mixer_class
@@ -39,36 +38,6 @@ NEAR_LIMIT = {
     "bpt": {"k": 5},
     "jukebox": {"attn_order": ("row",), "block_ctx": 195},
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vit_pm") / "tiny_vit.safetensors"
-    save_file(_random_dense_state(**TINY), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def soft_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vit_pm") / "soft_vit.safetensors"
-    save_file(_random_dense_state(qk_gain=0.5, **TINY), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def dense(tiny_file):
-    return timm.create_model(
-        NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(tiny_file)), **TINY
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(1)
-    return {
-        "224": torch.randn(1, 3, 224, 224, generator=g),
-        "160x96": torch.randn(2, 3, 160, 96, generator=g),
-    }
 
 
 # ------------------------------------------------------------------------------- naive references
@@ -325,8 +294,8 @@ def test_batch_independence(core):
 
 @pytest.mark.parametrize("attn", sorted(DENSE_LIMIT))
 def test_dense_limit_equals_timm_dense(attn, tiny_file, dense, images):
-    model = _build(attn, tiny_file, **DENSE_LIMIT[attn])
-    near = _build(attn, tiny_file, **NEAR_LIMIT[attn])
+    model = build_vit(attn, tiny_file, **DENSE_LIMIT[attn])
+    near = build_vit(attn, tiny_file, **NEAR_LIMIT[attn])
     with torch.no_grad():
         for key, x in images.items():
             err = (model(x) - dense(x)).abs().max().item()
@@ -350,14 +319,14 @@ def test_error_to_dense_shrinks_with_budget(attn, settings, soft_file, images):
     ).eval()
     with torch.no_grad():
         ref = dense(x)
-        errs = [(_build(attn, soft_file, **s)(x) - ref).square().mean().sqrt().item() for s in settings]
+        errs = [(build_vit(attn, soft_file, **s)(x) - ref).square().mean().sqrt().item() for s in settings]
     assert errs[0] > errs[1] > errs[2], (attn, errs)
     assert errs[2] < 0.5 * errs[0], (attn, errs)
 
 
 def test_bpt_up_query_keys_init_and_gradients(tiny_file, images, caplog):
     with caplog.at_level(logging.INFO, logger="visattn.models.vit"):
-        model = _build("bpt", tiny_file)
+        model = build_vit("bpt", tiny_file)
     new = [k for k in model.state_dict() if ".attn.core." in k]
     assert new == ["blocks.0.attn.core.up_query", "blocks.1.attn.core.up_query"]
     assert any(r.getMessage().endswith(", ".join(new)) for r in caplog.records)
@@ -379,11 +348,11 @@ def test_bpt_up_query_keys_init_and_gradients(tiny_file, images, caplog):
 
 
 def test_jukebox_cycles_its_patterns_over_the_layers(tiny_file, images):
-    model = _build("jukebox", tiny_file)
+    model = build_vit("jukebox", tiny_file)
     mixers = [m for m in model.modules() if isinstance(m, ViTMixer)]
     assert [m.core.layer_index for m in mixers] == [0, 1]
     assert [m.core.kind() for m in mixers] == ["row", "column"]
-    swapped = _build("jukebox", tiny_file, attn_order=("column", "row"))
+    swapped = build_vit("jukebox", tiny_file, attn_order=("column", "row"))
     with torch.no_grad():
         assert (model(images["224"]) - swapped(images["224"])).abs().max() > 1e-3
 

@@ -17,67 +17,16 @@ from __future__ import annotations
 import math
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from vit_helpers import NAME, TINY, build_vit
 
 import visattn
 from visattn.layers.hashing import seeded_normal
 from visattn.layers.mixers import RoutingCore, SinkhornCore
 from visattn.models.vit import MIXERS
 
-NAME = "vit_small_patch16_224"
-TINY = dict(embed_dim=32, depth=2, num_heads=2, reg_tokens=1, dynamic_img_size=True)
 GRID, PREFIX = (5, 7), 2
-
-
-def _random_dense_state(qk_gain: float = 2.0, **kwargs) -> dict[str, torch.Tensor]:
-    """Copied from tests/test_vit.py: a dense timm ViT state with unit-gain weights and peaked q/k."""
-    torch.manual_seed(0)
-    model = timm.create_model(NAME, **kwargs)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    for k, v in state.items():
-        if v.dim() == 2 and k != "head.weight":
-            v.normal_(0, v.shape[1] ** -0.5, generator=g)
-        if k.endswith("attn.qkv.weight"):
-            v[: 2 * v.shape[1]] *= qk_gain
-    return state
-
-
-def _build(attn, path, **attn_kwargs):
-    return visattn.create_model(
-        NAME,
-        attn,
-        attn_kwargs=attn_kwargs or None,
-        pretrained=True,
-        pretrained_cfg_overlay=dict(file=str(path)),
-        **TINY,
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def tiny_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("vit") / "tiny_vit.safetensors"
-    save_file(_random_dense_state(**TINY), str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def dense(tiny_file):
-    return timm.create_model(
-        NAME, pretrained=True, pretrained_cfg_overlay=dict(file=str(tiny_file)), **TINY
-    ).eval()
-
-
-@pytest.fixture(scope="module")
-def images():
-    g = torch.Generator().manual_seed(1)
-    return {
-        "224": torch.randn(1, 3, 224, 224, generator=g),
-        "160x96": torch.randn(2, 3, 160, 96, generator=g),
-    }
 
 
 def _qkv(heads: int, d: int, prefix: int = PREFIX, batch: int = 2, gain: float = 1.5):
@@ -223,7 +172,7 @@ def test_routing_training_step_is_the_ema_kmeans_update():
 
 
 def test_routing_centroid_buffer_key_and_init(tiny_file):
-    model = _build("routing", tiny_file)
+    model = build_vit("routing", tiny_file)
     keys = sorted(k for k in model.state_dict() if ".attn.core." in k)
     assert keys == ["blocks.0.attn.core.means", "blocks.1.attn.core.means"]
     # TINY: 2 heads of 16 channels, local_ratio 0.5 -> 1 local head and 1 routing head with 8 centroids
@@ -323,7 +272,7 @@ def test_sinkhorn_core_matches_naive_reference(prefix):
 
 
 def test_sinkhorn_sortnet_keys_init_and_gradients(tiny_file, images):
-    model = _build("sinkhorn", tiny_file)
+    model = build_vit("sinkhorn", tiny_file)
     keys = sorted(k for k in model.state_dict() if ".attn.core." in k)
     assert keys == [
         f"blocks.{i}.attn.core.sort_net.{j}.{p}" for i in (0, 1) for j in (0, 2) for p in ("bias", "weight")
@@ -365,19 +314,19 @@ SMALL_BUDGET = {"routing": {"num_clusters": 4, "local_window": 3}, "sinkhorn": {
 @pytest.mark.parametrize("attn", sorted(DENSE_LIMIT))
 def test_dense_limit_equals_timm_dense(attn, tiny_file, dense, images):
     assert MIXERS[attn].dense_limit is not None
-    model = _build(attn, tiny_file, **DENSE_LIMIT[attn])
+    model = build_vit(attn, tiny_file, **DENSE_LIMIT[attn])
     with torch.no_grad():
         for key, x in images.items():
             err = (model(x) - dense(x)).abs().max().item()
             assert err <= 1e-5, (attn, key, err)
         # the equality is not trivial: a smaller budget changes the logits visibly
         x = images["160x96"]
-        assert (_build(attn, tiny_file, **SMALL_BUDGET[attn])(x) - dense(x)).abs().max().item() > 1e-3
+        assert (build_vit(attn, tiny_file, **SMALL_BUDGET[attn])(x) - dense(x)).abs().max().item() > 1e-3
 
 
 @pytest.mark.parametrize("attn", sorted(DENSE_LIMIT))
 def test_batch_independence_in_eval(attn, tiny_file, images):
-    model = _build(attn, tiny_file, **SMALL_BUDGET[attn])
+    model = build_vit(attn, tiny_file, **SMALL_BUDGET[attn])
     x = images["160x96"]
     with torch.no_grad():
         both = model(x)
