@@ -33,6 +33,19 @@ def rfa_features(x: torch.Tensor, omega: torch.Tensor, kernel: str = "softmax") 
     return torch.cat([p.sin(), p.cos()], dim=-1) / math.sqrt(p.shape[-1])
 
 
+def divide_by_bounded_denominator(
+    nd: torch.Tensor, sigma: torch.Tensor, total: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``nd[..., :-1] / D``: the numerator over the denominator estimate ``nd[..., -1:]`` clamped to the exact
+    bounds of the kernel sum, [exp(−2 max σ²)·total, total] (``total``: the sum's largest value, the key count
+    or the gated weight; ``sigma`` (h, 1, d)), bounds without gradient. Shared by the block and its ViT core."""
+    with torch.no_grad():
+        sigma_max = sigma.to(nd.dtype).abs().amax(-1, keepdim=True)  # (h, 1, 1)
+        lower = torch.exp(-2.0 * sigma_max.square()) * total
+    den = torch.minimum(torch.maximum(nd[..., -1:], lower), total)
+    return nd[..., :-1] / (den + eps)
+
+
 @register_attn(
     "rfa",
     title="Random Feature Attention",
@@ -178,14 +191,11 @@ class RFA(KernelAttnBlock):
                 normalize=False,
             )
             with torch.no_grad():
-                sigma_max = self.sigma.to(dt).abs().amax(-1, keepdim=True)  # (h, 1, 1)
                 if log_decay is None:
                     total = torch.full_like(nd[..., -1:], nd.shape[-2])
                 else:
                     total = -torch.expm1(log_decay.cumsum(-1)).unsqueeze(-1)
-                lower = torch.exp(-2.0 * sigma_max.square()) * total
-            den = torch.minimum(torch.maximum(nd[..., -1:], lower), total)
-            out = nd[..., :-1] / (den + self.eps)
+            out = divide_by_bounded_denominator(nd, self.sigma, total, self.eps)
         return rearrange(out, "b h n d -> b n (h d)").to(tokens.dtype)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -62,7 +62,7 @@ class RfaCore(MixerCore):
         return self.sigma * w.to(self.sigma)
 
     def patches(self, q, k, v, grid, prefix):
-        from ...attn.rfa import rfa_features  # the block owns the feature map
+        from ...attn.rfa import divide_by_bounded_denominator, rfa_features  # the block owns them
 
         self.random_features.step()
         dt = torch.promote_types(q.dtype, torch.float32)
@@ -75,14 +75,10 @@ class RfaCore(MixerCore):
                 return linear_attention(qf, kf, vd, eps=self.eps).to(v.dtype)
             # Numerator and denominator in one product: the denominator is an all-ones value column.
             nd = linear_attention(qf, kf, torch.cat([vd, torch.ones_like(vd[..., :1])], -1), normalize=False)
-            with torch.no_grad():
-                # sin/cos estimates of the kernel sum can be <= 0; the exact sum lies in
-                # [exp(-2 max σ²)·N, N] for unit q, k over N keys (as RFA.attend).
-                total = float(k.shape[2])
-                sigma_max = self.sigma.to(dt).abs().amax(-1, keepdim=True)  # (h, 1, 1)
-                lower = torch.exp(-2.0 * sigma_max.square()) * total
-            den = torch.minimum(torch.maximum(nd[..., -1:], lower), nd.new_tensor(total))
-            return (nd[..., :-1] / (den + self.eps)).to(v.dtype)
+            # sin/cos estimates of the kernel sum can be <= 0; the exact sum over the N keys of unit q, k
+            # lies in [exp(-2 max σ²)·N, N] (as RFA.attend).
+            total = nd.new_tensor(float(k.shape[2]))
+            return divide_by_bounded_denominator(nd, self.sigma, total, self.eps).to(v.dtype)
 
     def extra_repr(self) -> str:
         return f"num_features={self.num_features}, kernel={self.kernel!r}"
