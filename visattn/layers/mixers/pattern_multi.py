@@ -50,7 +50,32 @@ def _level_tokens(maps: list[torch.Tensor], heads: int) -> torch.Tensor:
     return rearrange(flatten_levels(maps), "b n (h d) -> b h n d", h=heads)
 
 
-class MultiScaleCore(MixerCore):
+class _CellsCore(MixerCore):
+    """The pattern engine over a pyramid of the patch grid (multiscale's retina, BPT's quadtree): the key
+    set of :func:`pyramid_pattern` with ``side`` cells per side per level, where the level-l keys are cell
+    tokens that the subclass makes from the patch k/v maps (``cell_tokens``), plus the prefix tokens."""
+
+    side: int
+    levels: int | None
+
+    def cell_tokens(self, k_maps, v_maps, depth: int, heads: int):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def patches(self, q, k, v, grid, prefix):
+        height, width = grid
+        pyr = Pyramid.of(height, width, self.side, self.levels)
+        pattern = pyramid_pattern(pyr, device=q.device).pattern
+        place = _image_place(height, width, pattern.grid.cols, q.device)
+        b, h, _, d = q.shape
+        if pyr.depth > 1:
+            maps = _patch_maps(k, grid, prefix), _patch_maps(v, grid, prefix)
+            cells_k, cells_v = self.cell_tokens(*maps, pyr.depth, h)
+        else:
+            cells_k = cells_v = q.new_zeros(b, h, 0, d)
+        return _cells_qkv(q, k, v, prefix, pattern, place, cells_k, cells_v)
+
+
+class MultiScaleCore(_CellsCore):
     """The Multi-scale Transformer's retina pattern (:mod:`visattn.attn.multiscale`): each patch attends the
     patches of its fine neighbourhood and, at every coarser scale, the ring of pooled cells (means of
     2^l x 2^l patches) that the finer scales do not cover, plus the prefix tokens, in one softmax. Pooling is
@@ -63,23 +88,17 @@ class MultiScaleCore(MixerCore):
         BlockHolder("multiscale", radius=radius, levels=levels)  # the block validates and names itself
         self.radius, self.levels = radius, levels
 
-    def patches(self, q, k, v, grid, prefix):
-        height, width = grid
-        pyr = Pyramid.of(height, width, self.radius, self.levels)
-        pattern = pyramid_pattern(pyr, device=q.device).pattern
-        place = _image_place(height, width, pattern.grid.cols, q.device)
-        b, h, _, d = q.shape
-        if pyr.depth > 1:
-            # k and v pooled in one pass: a cell is the plain mean of its real patches.
-            means = pyramid_means(torch.cat([_patch_maps(k, grid, prefix), _patch_maps(v, grid, prefix)], 1),
-                                  pyr.depth)  # fmt: skip
-            cells_k, cells_v = _level_tokens(means, 2 * h).chunk(2, dim=1)
-        else:
-            cells_k = cells_v = q.new_zeros(b, h, 0, d)
-        return _cells_qkv(q, k, v, prefix, pattern, place, cells_k, cells_v)
+    @property
+    def side(self) -> int:
+        return self.radius
+
+    def cell_tokens(self, k_maps, v_maps, depth, heads):
+        # k and v pooled in one pass: a cell is the plain mean of its real patches.
+        means = pyramid_means(torch.cat([k_maps, v_maps], 1), depth)
+        return _level_tokens(means, 2 * heads).chunk(2, dim=1)
 
 
-class BPTCore(MixerCore):
+class BPTCore(_CellsCore):
     """BP-Transformer on the patch grid (:mod:`visattn.attn.bpt`): the quadtree interaction lists (``k``
     cells per side at every level, fine near, coarse far) of each patch, plus the prefix tokens, in one
     softmax. The cells come from BPT's bottom-up (affiliated) edges: per head, a level-l cell attends its
@@ -120,20 +139,13 @@ class BPTCore(MixerCore):
             out_v.append(v_map)
         return out_k, out_v
 
-    def patches(self, q, k, v, grid, prefix):
-        height, width = grid
-        pyr = Pyramid.of(height, width, self.k, self.levels)
-        pattern = pyramid_pattern(pyr, device=q.device).pattern
-        place = _image_place(height, width, pattern.grid.cols, q.device)
-        b, h, _, d = q.shape
-        if pyr.depth > 1:
-            levels_k, levels_v = self.cells(
-                _patch_maps(k, grid, prefix), _patch_maps(v, grid, prefix), pyr.depth
-            )
-            cells_k, cells_v = _level_tokens(levels_k, h), _level_tokens(levels_v, h)
-        else:
-            cells_k = cells_v = q.new_zeros(b, h, 0, d)
-        return _cells_qkv(q, k, v, prefix, pattern, place, cells_k, cells_v)
+    @property
+    def side(self) -> int:
+        return self.k
+
+    def cell_tokens(self, k_maps, v_maps, depth, heads):
+        levels_k, levels_v = self.cells(k_maps, v_maps, depth)
+        return _level_tokens(levels_k, heads), _level_tokens(levels_v, heads)
 
 
 class JukeboxCore(MixerCore):
