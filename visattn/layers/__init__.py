@@ -12,12 +12,14 @@ from .attention import (
 from .block import AttnBlock, check_feature_map, check_odd_kernel, factory_kwargs
 from .padding import ceil_div, pad_to_grid, pad_to_multiple, unpad
 from .pos_embed import ConvPosEnc, sincos_2d
+from .precision import accuracy_dtype, upcast_for_accuracy
 from .tokens import to_map, to_tokens
 
 __all__ = [
     "AttnBlock",
     "ConvPosEnc",
     "MultiHeadAttention",
+    "accuracy_dtype",
     "check_feature_map",
     "check_odd_kernel",
     "default_heads",
@@ -34,4 +36,5 @@ __all__ = [
     "to_map",
     "to_tokens",
     "unpad",
+    "upcast_for_accuracy",
 ]
