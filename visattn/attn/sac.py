@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
+from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens, upcast_for_accuracy
 from ..layers.gather_attention import gather_attend
 from ..registry import register_attn
 
@@ -22,7 +22,8 @@ from ..registry import register_attn
 def _anchors(size: int, count: int) -> torch.Tensor:
     """min(count, size) distinct coordinates spread evenly over [0, size)."""
     g = min(count, size)
-    return ((torch.arange(g) + 0.5) * size / g).floor().long()
+    # floor((i + 0.5) * size / g) in integers: exact at any size, and no float tensor in a float64 run.
+    return (torch.arange(g) * 2 + 1) * size // (2 * g)
 
 
 def distance_encoding(dy: torch.Tensor, dx: torch.Tensor, freqs: int) -> torch.Tensor:
@@ -156,7 +157,8 @@ class SAC(AttnBlock):
         b, n, e = eq.shape
         ek_c = ek[:, key.reshape(-1)].view(b, n, -1, e)
         content = torch.einsum("bne,bnme->bnm", eq, ek_c) / math.sqrt(e)
-        logits = (prior[table].unsqueeze(0) + content).float()
+        # The top-alpha choice and its sigmoid gate in at least float32 (ties and saturation in half types).
+        logits = upcast_for_accuracy(prior[table].unsqueeze(0) + content)
         return logits.masked_fill(~valid, float("-inf")), key
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, factory_kwargs, pad_to_multiple, resolve_heads, unpad
+from ..layers import AttnBlock, factory_kwargs, pad_to_multiple, resolve_heads, unpad, upcast_for_accuracy
 from ..registry import register_attn
 
 # Masked sort logits: finite, so a row or column with nothing admissible cannot produce NaN.
@@ -30,7 +30,8 @@ def sinkhorn(logits: torch.Tensor, iters: int, allowed: torch.Tensor | None = No
     depends on rows <= i only, and a final row normalisation makes each row sum to 1; ``allowed`` (n, n)
     bool restricts each row to admissible columns, and a row with none is all zero.
     """
-    z = logits.float()
+    # Several log-space balancing passes: half types are too coarse for them, and float64 stays float64.
+    z = upcast_for_accuracy(logits)
     if allowed is not None:
         z = z.masked_fill(~allowed, _MASKED)
     for _ in range(iters):
@@ -182,7 +183,9 @@ class Sinkhorn(AttnBlock):
         k_mean = k.sum(-2) / valid.sum(-1).clamp_min(1).to(k.dtype).unsqueeze(-1)  # (b, h, nW, d)
         e = self._window_embedding(w["xp"], valid, w["gy"], w["gx"])  # (b, nW, C)
         s_q = rearrange(self.sort_net(e), "b w (h d) -> b h w d", h=self.heads)
-        r = F.relu(torch.einsum("bhid,bhjd->bhij", s_q, k_mean) / math.sqrt(self.head_dim)).float()
+        r = upcast_for_accuracy(
+            F.relu(torch.einsum("bhid,bhjd->bhij", s_q, k_mean) / math.sqrt(self.head_dim))
+        )
         if self.training:
             u = torch.rand_like(r).clamp(1e-6, 1 - 1e-6)
             r = r - torch.log(-torch.log(u))  # Gumbel noise
@@ -200,8 +203,8 @@ class Sinkhorn(AttnBlock):
         if self.causal:
             # Inside a window, raster order is row-major window order: lower-triangular.
             local = local & torch.ones(t, t, dtype=torch.bool, device=s.device).tril()
-        local = torch.zeros(local.shape, device=s.device).masked_fill(~local, float("-inf"))
-        share = torch.einsum("bhij,jt->bhit", s, valid.float()) / s.sum(-1, keepdim=True).clamp_min(1e-30)
+        local = torch.zeros(local.shape, device=s.device, dtype=s.dtype).masked_fill(~local, float("-inf"))
+        share = torch.einsum("bhij,jt->bhit", s, valid.to(s.dtype)) / s.sum(-1, keepdim=True).clamp_min(1e-30)
         sorted_bias = torch.where(share > 0, share.clamp_min(1e-30).log(), float("-inf"))
         b, h, nw = s.shape[:3]
         return torch.cat(

@@ -14,6 +14,7 @@ from einops import rearrange
 from ..clustering import centroid_scores, commitment_loss, ema_update_, scatter_mean, topw_members
 from ..hashing import gather_tokens, resolve_seed, seeded_normal
 from ..padding import ceil_div, pad_to_multiple
+from ..precision import upcast_for_accuracy
 from .base import BlockHolder, MixerCore
 
 __all__ = ["RoutingCore", "SinkhornCore", "grid_windows", "window_valid"]
@@ -239,7 +240,7 @@ class SinkhornCore(MixerCore):
         # Under autocast or a model cast as a whole the dtypes agree; a bare mismatch follows the SortNet.
         s_q = rearrange(self.sort_net(e.to(self.sort_net[0].weight.dtype)), "b w (h d) -> b h w d", h=h)
         s_q = s_q.to(k_mean.dtype)
-        r = F.relu(torch.einsum("bhid,bhjd->bhij", s_q, k_mean) / math.sqrt(d)).float()
+        r = upcast_for_accuracy(F.relu(torch.einsum("bhid,bhjd->bhij", s_q, k_mean) / math.sqrt(d)))
         if self.training:
             u = torch.rand_like(r).clamp(1e-6, 1 - 1e-6)
             r = r - torch.log(-torch.log(u))  # Gumbel noise, as the block

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..gather_attention import gather_attend
 from ..hashing import gather_tokens, hash_draw, seeded_normal
+from ..precision import upcast_for_accuracy
 from .base import BlockHolder, MixerCore
 
 __all__ = ["InformerCore", "ScramCore", "ClusteredCore"]
@@ -40,7 +41,7 @@ class InformerCore(MixerCore):
             )
             sample = noise.topk(u, dim=-1).indices
             k_s = k.gather(2, sample.view(1, h, u, 1).expand(b, -1, -1, d))
-            scores = (qp @ k_s.transpose(-1, -2)).float()
+            scores = upcast_for_accuracy(qp @ k_s.transpose(-1, -2))
             measure = scores.amax(-1) - scores.mean(-1)
             active = measure.topk(min(u, qp.shape[2]), dim=-1).indices.sort(-1).values
         index = active.unsqueeze(-1).expand(-1, -1, -1, d)
