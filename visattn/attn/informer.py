@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
+from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens, upcast_for_accuracy
 from ..layers.hashing import resolve_seed
 from ..registry import register_attn
 
@@ -197,7 +197,7 @@ class Informer(AttnBlock):
             )
             sample = noise.topk(u, dim=-1).indices  # (h, U): U distinct keys per head
             k_s = k.gather(2, sample.view(1, h, u, 1).expand(b, -1, -1, d))
-            scores = (q @ k_s.transpose(-1, -2)).float()  # (b, h, n, U)
+            scores = upcast_for_accuracy(q @ k_s.transpose(-1, -2))  # (b, h, n, U)
             if self.causal:
                 seen = sample.view(1, h, 1, u) <= pos.view(1, 1, n, 1)
                 top = scores.masked_fill(~seen, float("-inf")).amax(-1)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, factory_kwargs, to_map, to_tokens
+from ..layers import AttnBlock, accuracy_dtype, factory_kwargs, to_map, to_tokens, upcast_for_accuracy
 from ..registry import register_attn
 
 
@@ -93,7 +93,7 @@ class _GatherWeightedSum(torch.autograd.Function):
                     slots.reshape(1, -1), rows, table.shape, check_invariants=False
                 )
             else:
-                acc_dtype = torch.promote_types(table.dtype, torch.float32)
+                acc_dtype = accuracy_dtype(table.dtype)
                 acc = torch.zeros(table.shape, dtype=acc_dtype, device=table.device)
                 for lo, hi in _chunks(m, k * table.shape[1]):
                     rows = w[lo:hi, :, None].to(acc_dtype) * grad_out[lo:hi, None, :].to(acc_dtype)
@@ -217,7 +217,7 @@ class ProductKeyMemory(AttnBlock):
         scores, slots = self.lookup(tokens.reshape(b * n, c))
         weight = self.values.weight
         # Softmax in at least float32; float64 stays float64 (a float32 softmax made its gradient noise).
-        w = F.softmax(scores.to(torch.promote_types(scores.dtype, torch.float32)), dim=-1).to(weight.dtype)
+        w = F.softmax(upcast_for_accuracy(scores), dim=-1).to(weight.dtype)
         slots, w = slots.reshape(b * n, -1), w.reshape(b * n, -1)
         if _value_read_backend(weight.device, weight.dtype, self.value_read) == "bag":
             mem = self.values(slots, per_sample_weights=w)

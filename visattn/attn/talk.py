@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, default_heads, factory_kwargs
+from ..layers import AttnBlock, default_heads, factory_kwargs, upcast_for_accuracy
 from ..registry import register_attn
 
 __all__ = ["TaLK", "summed_area_table", "box_sum"]
@@ -195,8 +195,7 @@ class TaLK(AttnBlock):
         h, w = v.shape[-2:]
         up, down, left, right = self.max_extent
         # At least float32 (half-precision edges are too coarse), never below the input's precision.
-        a = self.offset_drop(torch.sigmoid(self.offsets(v)))
-        a = a.to(torch.promote_types(a.dtype, torch.float32))
+        a = upcast_for_accuracy(self.offset_drop(torch.sigmoid(self.offsets(v))))
         a = rearrange(a, "b (k n) h w -> k (b n) h w", n=self.heads)
         i = torch.arange(h, device=v.device, dtype=a.dtype).view(h, 1)
         j = torch.arange(w, device=v.device, dtype=a.dtype).view(1, w)

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from .precision import upcast_for_accuracy
+
 __all__ = [
     "resolve_seed",
     "seeded_normal",
@@ -246,6 +248,6 @@ def merge_rounds(out: torch.Tensor, lse: torch.Tensor, dim: int) -> torch.Tensor
     out_dim = dim if dim >= 0 else dim - 1
     # At least float32, never below the input's precision (float64 rounded to float32 here made the
     # merged output's gradient wrong at the 1e-7 level).
-    weights = torch.softmax(lse.to(torch.promote_types(lse.dtype, torch.float32)), dim=dim)
+    weights = torch.softmax(upcast_for_accuracy(lse), dim=dim)
     weights = weights.to(out.dtype).unsqueeze(-1)
     return (out * weights).sum(dim=out_dim)
