@@ -271,31 +271,79 @@ def test_bench_cli_vs_dense_writes_json_and_refuses_peers(tmp_path, capsys):
         read_vs_dense_json(tmp_path / "missing.json")
 
 
-def test_gpu_sweep_smoke_on_cpu_and_docs_section(tmp_path):
+def test_gpu_sweep_smoke_on_cpu_and_docs_section(tmp_path, monkeypatch, capsys):
+    from visattn.bench import vs_dense
+
     sweep = _load_tool("gpu_sweep")
+    counted = []
+    real_count = vs_dense.forward_backward_flops
+
+    def spy(model, x):
+        counted.append((type(model).__name__, tuple(x.shape), x.dtype))
+        return real_count(model, x)
+
+    monkeypatch.setattr(vs_dense, "forward_backward_flops", spy)
     assert sweep.main([str(tmp_path / "run"), "--smoke"]) == 0
+    printed = capsys.readouterr().out
+    assert "plan (estimated by a rough cost model; --budget 540 s):" in printed
+    assert "chunks:float32" in printed and "estimated: ~" in printed
     results = json.loads((tmp_path / "run" / "sweep.json").read_text())
     meta = results["meta"]
     assert meta["smoke"] is True and "cores" in meta["device"] and meta["stopped"] is None
+    assert meta["engines"] == {"pattern": [], "scan": []} and meta["goal_sides"] == [8, 16]
+    assert [s["stage"] for s in meta["stage_seconds"]] == [
+        "chunks:float32", "eager:bfloat16:8", "eager:bfloat16:16", "eager:float32:8", "compiled:float32:8",
+        "peers:float32:8",
+    ]  # fmt: skip
     got = {(r["name"], r["dtype"], r["mode"], r["height"]) for r in results["vs_dense"]}
     want = {
         (n, dt, mode, side)
         for n in ("cbam", "gcnet")
         for dt, mode, side in (
-            ("float32", "eager", 16),
-            ("float32", "eager", 8),
             ("bfloat16", "eager", 8),
+            ("bfloat16", "eager", 16),
+            ("float32", "eager", 8),
             ("float32", "compiled", 8),
         )
     }
     assert got == want and all(r["status"] == "ok" for r in results["vs_dense"])
+    # FLOPs: counted once per (block, size, dtype), block and dense, never for the compiled repeat
+    assert len(counted) == 2 * 3 * 2
+    assert [c[0] for c in counted].count("DenseAttention") == 6
+    by = {(r["name"], r["dtype"], r["mode"], r["height"]): r for r in results["vs_dense"]}
+    for r in results["vs_dense"]:
+        assert r["block_flops"] > 0 and r["dense_flops"] > r["block_flops"] and r["flops_note"] == ""
+        rate = meta["matmul_tflops_bf16" if r["dtype"] == "bfloat16" else "matmul_tflops_fp32"]
+        assert r["matmul_tflops"] == rate
+        assert r["block_tflops"] == pytest.approx(r["block_flops"] / (r["block_ms"] * 1e-3) / 1e12)
+        assert r["dense_matmul_fraction"] == pytest.approx(r["dense_tflops"] / rate)
+        assert r["block_matmul_fraction"] == pytest.approx(r["block_tflops"] / rate)
+    for n in ("cbam", "gcnet"):
+        eager, compiled = by[n, "float32", "eager", 8], by[n, "float32", "compiled", 8]
+        assert (compiled["block_flops"], compiled["dense_flops"]) == (
+            eager["block_flops"],
+            eager["dense_flops"],
+        )
+        # the dense reference's work grows 4x in its linear parts and 16x in attention from 8x8 to 16x16
+        assert (
+            4
+            < by[n, "bfloat16", "eager", 16]["dense_flops"] / by[n, "bfloat16", "eager", 8]["dense_flops"]
+            < 16
+        )
+    # the chunk sizes of both scans: the smoke sizes plus each kind's default, exactly one default per kind
+    chunks = results["chunks"]
+    assert {r["kind"] for r in chunks} == {"linear", "delta"} and {8, 16} <= {r["chunk_size"] for r in chunks}
+    assert all(r["tokens"] == 256 and r["fwd_bwd_ms"] > 0 and r["flops"] > 0 for r in chunks)
+    assert sorted(r["kind"] for r in chunks if r["is_default"]) == ["delta", "linear"]
     assert [p["name"] for p in results["peers"]] == ["cbam", "gcnet"] and results["agreement"] == []
-    # a later session adds its stages' rows to the same file
-    more = ["--smoke", "--names", "gcnet", "--stages", "eager:float32:4"]
+    # a later session adds its stages' rows to the same file; a (block, size, dtype) counted before is reused
+    before = len(counted)
+    more = ["--smoke", "--names", "gcnet", "--stages", "eager:float32:4", "eager:bfloat16:8"]
     assert sweep.main([str(tmp_path / "run"), *more]) == 0
     again = json.loads((tmp_path / "run" / "sweep.json").read_text())
-    assert len(again["vs_dense"]) == len(results["vs_dense"]) + 1 and len(again["meta"]["continued"]) == 1
-    assert again["vs_dense"][-1]["height"] == 4
+    assert len(again["vs_dense"]) == len(results["vs_dense"]) + 2 and len(again["meta"]["continued"]) == 1
+    assert again["vs_dense"][-2]["height"] == 4 and len(counted) == before + 2
+    assert again["vs_dense"][-1]["block_flops"] == by["gcnet", "bfloat16", "eager", 8]["block_flops"]
     page = tmp_path / "gpu.md"
     page.write_text("# GPU benchmarks\n\nearlier figures stay\n")
     assert sweep.main(["--docs", "--page", str(page)]) == 0
@@ -305,6 +353,15 @@ def test_gpu_sweep_smoke_on_cpu_and_docs_section(tmp_path):
     assert text.startswith("# GPU benchmarks\n\nearlier figures stay\n") and "Not measured yet" not in text
     assert "SMOKE RUN on CPU" in text and "### float32, compiled" in text and "### Peers" in text
     assert "Continued in session(s) started" in text
+    assert "### Issue 16's goals (8/16: bf16 eager rows)" in text
+    assert "| `pkm` runs in bfloat16 | **not measured** | no row |" in text
+    assert (
+        "| pattern-engine blocks >= 25% of the matmul rate at 8 and 16 | **not measured** | no such block"
+        in text
+    )
+    assert "### Chunk size of the linear scans" in text and "| linear | float32 | 256 x 2 x 8 |" in text
+    assert "| block | engine | FLOP exp. | time x dense at 8x8 | matmul fraction at 8 (dense) |" in text
+    assert "Seconds per stage (estimate in brackets): chunks:float32" in text
 
 
 def test_benchmarks_doc_vs_dense_section_from_json(tmp_path, monkeypatch):

@@ -31,6 +31,7 @@ from torch.utils import benchmark
 from ..layers import to_map, to_tokens
 from ..layers.attention import MultiHeadAttention, default_heads, resolve_heads
 from ..registry import attn_info, create_attn
+from .measure import count_flops as _count_flops
 from .measure import saved_activation_bytes
 from .rows_io import read_rows_json, write_rows_csv, write_rows_json
 from .runner import _progress
@@ -39,8 +40,10 @@ __all__ = [
     "DenseAttention",
     "DenseRatio",
     "block_heads",
+    "forward_backward_flops",
     "interleaved_ratio",
     "find_crossover",
+    "flops_key",
     "crossovers",
     "measure_vs_dense",
     "sweep_vs_dense",
@@ -104,6 +107,16 @@ class DenseRatio:
     memory_ratio: float
     status: str = "ok"
     first_call_s: float = math.nan  # one forward+backward of the block before timing (sizes the work)
+    # Work and throughput (NaN unless counted: ``count_flops=True``). FLOPs of one forward+backward
+    # (FlopCounterMode; pattern blocks on the engine's reference path, see :func:`forward_backward_flops`).
+    block_flops: float = math.nan
+    dense_flops: float = math.nan
+    matmul_tflops: float = math.nan  # dense matmul TFLOP/s of this dtype, measured in the same run
+    block_tflops: float = math.nan  # block_flops / block_ms
+    dense_tflops: float = math.nan
+    block_matmul_fraction: float = math.nan  # block_tflops / matmul_tflops
+    dense_matmul_fraction: float = math.nan
+    flops_note: str = ""  # why the FLOPs are missing when counting was asked for and failed
 
 
 def interleaved_ratio(
@@ -164,6 +177,36 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def forward_backward_flops(model: Callable[[torch.Tensor], object], x: torch.Tensor) -> int:
+    """FLOPs of one forward+backward of ``model`` on ``x`` (torch.utils.flop_counter.FlopCounterMode).
+
+    Pattern blocks are counted on the sparse-pattern engine's reference path whatever backend their
+    timed calls use: torch's formula for FlexAttention counts a block-sparse call as attention over
+    every key, which would credit a pattern block with the work its mask skips (and inflate its
+    throughput by the inverse of the pattern's density). The reference path does the gathered key
+    tiles, i.e. the pattern's own work plus the few masked slots of partial tiles. Gradients
+    accumulate into ``x`` and the parameters as in the timed calls.
+    """
+    from ..layers.sparse_pattern import backend
+
+    def call() -> torch.Tensor:
+        out = model(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    with backend("reference"):
+        return _count_flops(call, backward=True)
+
+
+def _set_rates(row: DenseRatio) -> None:
+    """Achieved TFLOP/s and fractions of the matmul rate from the row's FLOPs and times (NaN where unknown)."""
+    for side in ("block", "dense"):
+        flops, ms = getattr(row, f"{side}_flops"), getattr(row, f"{side}_ms")
+        tflops = flops / (ms * 1e-3) / 1e12 if ms > 0 else math.nan  # NaN stays NaN
+        setattr(row, f"{side}_tflops", tflops)
+        rate = row.matmul_tflops
+        setattr(row, f"{side}_matmul_fraction", tflops / rate if rate > 0 else math.nan)
+
+
 def _benchmark_ms(fn: Callable[[], object], number: int) -> float:
     """Mean ms per call of ``number`` calls of ``fn`` (torch.utils.benchmark's ``timeit``)."""
     return benchmark.Timer(stmt="fn()", globals={"fn": fn}).timeit(number).median * 1e3
@@ -184,12 +227,21 @@ def measure_vs_dense(
     max_call_s: float | None = None,
     module: nn.Module | None = None,
     timer: Callable[[Callable[[], object]], float] | None = None,
+    count_flops: bool = False,
+    known_flops: tuple[float, float] | None = None,
+    matmul_tflops: float | None = None,
 ) -> DenseRatio:
     """One block (registry ``name``, or ``module`` labelled ``name``) against :class:`DenseAttention`.
 
     ``max_call_s``: when the first forward+backward of the block or of dense takes longer, the row is
     returned with a ``skipped`` status instead of timing rounds that would take minutes. ``timer``
     (fn -> ms) replaces the torch.utils.benchmark timer, for tests.
+
+    ``count_flops``: after timing, one more forward+backward of the (eager) block and of dense under
+    :func:`forward_backward_flops` fills ``block_flops`` / ``dense_flops``, unless ``known_flops``
+    (block, dense) gives them already (the same block, size and dtype in another mode). With
+    ``matmul_tflops`` (this device and dtype, measured in the same run) the row also gets the fraction
+    of it that the block and dense achieve. A failed count leaves NaN and says why in ``flops_note``.
     """
     device = torch.device(device)
     torch.manual_seed(0)
@@ -247,6 +299,19 @@ def measure_vs_dense(
     row.block_ms, row.dense_ms, row.time_ratio = interleaved_ratio(
         lambda: timer(fb_block), lambda: timer(fb_dense), rounds
     )
+    if count_flops or known_flops is not None:
+        if known_flops is not None:
+            row.block_flops, row.dense_flops = (float(f) for f in known_flops)
+        else:
+            try:
+                # The eager modules, also for a compiled row: the work is the same, and FlopCounterMode
+                # sees no aten ops inside a compiled graph.
+                row.block_flops = float(forward_backward_flops(block, x))
+                row.dense_flops = float(forward_backward_flops(dense, x))
+            except Exception as err:  # a missing count must not cost the timing just measured
+                row.flops_note = f"{type(err).__name__}: {err}"[:200]
+        row.matmul_tflops = math.nan if matmul_tflops is None else float(matmul_tflops)
+        _set_rates(row)
     return row
 
 
@@ -265,6 +330,9 @@ def sweep_vs_dense(
     max_call_s: float | None = None,
     on_row: Callable[[DenseRatio], None] | None = None,
     progress: bool = True,
+    count_flops: bool = False,
+    matmul_tflops: dict[str, float] | None = None,
+    flops_cache: dict[tuple, tuple[float, float]] | None = None,
 ) -> list[DenseRatio]:
     """:func:`measure_vs_dense` for every (dtype, size, block); a failing block becomes an error row.
 
@@ -272,6 +340,12 @@ def sweep_vs_dense(
     keeps what it measured). With ``max_call_s``, a block whose call at a smaller size, scaled as
     N^e (e: its declared FLOP exponent, at least 1), predicts more than ``max_call_s`` is skipped
     without being run: one call of an O(N²) block at a large map can take minutes on a CPU.
+
+    ``count_flops`` (off by default: one more forward+backward of block and dense per row) fills the
+    rows' FLOPs and throughput; ``matmul_tflops`` maps a dtype name ("bfloat16") to the same run's
+    matmul rate. ``flops_cache``, keyed by :func:`flops_key`, carries counts between calls so a
+    (block, size, dtype) is counted once, e.g. for its eager and its compiled row; counts made here
+    are added to it.
     """
     names, sizes, dtypes = list(names), list(sizes), list(dtypes)
     dev = torch.device(device)
@@ -301,11 +375,17 @@ def sweep_vs_dense(
                 on_row(row)
             bar.update(1)
             continue
+        key = flops_key(name, batch, channels, size, dt)
+        counted = flops_cache.get(key) if (count_flops and flops_cache is not None) else None
         try:
             row = measure_vs_dense(
                 name, batch=batch, channels=channels, size=size, dtype=dt, device=device, rounds=rounds,
                 min_time=min_time, compile=compile, compile_backend=compile_backend, max_call_s=max_call_s,
+                count_flops=count_flops, known_flops=counted,
+                matmul_tflops=(matmul_tflops or {}).get(str(dt).replace("torch.", "")),
             )  # fmt: skip
+            if count_flops and flops_cache is not None and not math.isnan(row.block_flops):
+                flops_cache[key] = (row.block_flops, row.dense_flops)
         except Exception as err:  # one failing block (or OOM) must not end a long sweep
             row = DenseRatio(
                 name, batch, channels, size[0], size[1], str(dt).replace("torch.", ""), device,
@@ -321,6 +401,11 @@ def sweep_vs_dense(
         bar.update(1)
     bar.close()
     return rows
+
+
+def flops_key(name: str, batch: int, channels: int, size: tuple[int, int], dtype) -> tuple:
+    """Key of a FLOP count in :func:`sweep_vs_dense`'s ``flops_cache``: (name, batch, channels, H, W, dtype)."""
+    return (name, batch, channels, size[0], size[1], str(dtype).replace("torch.", ""))
 
 
 def _num(v: float, digits: int = 3) -> str:
