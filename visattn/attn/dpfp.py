@@ -76,7 +76,8 @@ class DPFP(KernelAttnBlock):
         nu: ν, rolls of the DPFP map (features 2dν, d = head dim); the paper tries 1 to 3, and
             its update-rule (delta vs sum) experiments use ν = 1.
         eps: denominator epsilon (non-causal) and floor of the sum normalisation (causal).
-        chunk_size: chunk length of the chunked delta rule (speed/memory only).
+        chunk_size: chunk length of the chunked delta rule, speed/memory only; None (default) chooses it for the device
+            at call time (visattn.layers.linear_attention.default_chunk_size), an int overrides it.
         causal: raster-order causal attention with the delta rule.
     """
 
@@ -87,7 +88,7 @@ class DPFP(KernelAttnBlock):
         heads: int | None = None,
         nu: int = 1,
         eps: float = 1e-6,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         causal: bool = False,
         device=None,
         dtype=None,

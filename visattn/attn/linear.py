@@ -37,7 +37,8 @@ class LinearAttention(KernelAttnBlock):
         channels: input channels C.
         heads: attention heads (default: heads of 32 channels, ``default_heads``).
         eps: denominator epsilon (paper: 1e-6).
-        chunk_size: chunk length of the causal scan (speed/memory only, not the result).
+        chunk_size: chunk length of the causal scan, speed/memory only, not the result; None (default) chooses it for the device
+            at call time (visattn.layers.linear_attention.default_chunk_size), an int overrides it.
         causal: raster-order causal attention.
     """
 
@@ -47,7 +48,7 @@ class LinearAttention(KernelAttnBlock):
         *,
         heads: int | None = None,
         eps: float = 1e-6,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         causal: bool = False,
         device=None,
         dtype=None,

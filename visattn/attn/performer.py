@@ -54,7 +54,8 @@ class Performer(KernelAttnBlock):
         redraw_interval: training calls between feature redraws (0: never).
         seed: base seed of the draws (None: from the global RNG at construction).
         eps: denominator epsilon.
-        chunk_size: chunk length of the causal scan.
+        chunk_size: chunk length of the causal scan; None (default) chooses it for the device
+            at call time (visattn.layers.linear_attention.default_chunk_size), an int overrides it.
         causal: raster-order causal attention.
     """
 
@@ -72,7 +73,7 @@ class Performer(KernelAttnBlock):
         redraw_interval: int = 1000,
         seed: int | None = None,
         eps: float = 1e-6,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         causal: bool = False,
         device=None,
         dtype=None,

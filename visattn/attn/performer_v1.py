@@ -51,7 +51,8 @@ class PerformerV1(KernelAttnBlock):
         orthogonal: orthogonal random features (paper: True).
         seed: seed of the draw (None: from the global RNG at construction).
         eps: denominator epsilon.
-        chunk_size: chunk length of the causal scan.
+        chunk_size: chunk length of the causal scan; None (default) chooses it for the device
+            at call time (visattn.layers.linear_attention.default_chunk_size), an int overrides it.
         causal: raster-order causal attention.
     """
 
@@ -64,7 +65,7 @@ class PerformerV1(KernelAttnBlock):
         orthogonal: bool = True,
         seed: int | None = None,
         eps: float = 1e-6,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         causal: bool = False,
         device=None,
         dtype=None,

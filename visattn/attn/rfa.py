@@ -96,7 +96,8 @@ class RFA(KernelAttnBlock):
         redraw_interval: training calls between redraws of ω̃ (paper: 1; 0 never redraws).
         seed: base seed of the draws (None: from the global RNG at construction).
         eps: denominator epsilon.
-        chunk_size: chunk length of the causal scan.
+        chunk_size: chunk length of the causal scan; None (default) chooses it for the device
+            at call time (visattn.layers.linear_attention.default_chunk_size), an int overrides it.
         causal: raster-order causal attention (RFA-Gate).
     """
 
@@ -113,7 +114,7 @@ class RFA(KernelAttnBlock):
         redraw_interval: int = 1,
         seed: int | None = None,
         eps: float = 1e-6,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         causal: bool = False,
         device=None,
         dtype=None,

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .linear_attention import check_chunk_size, default_chunk_size
+
 __all__ = ["delta_rule", "unit_lower_inverse"]
 
 
@@ -72,7 +74,7 @@ def delta_rule(
     v: torch.Tensor,
     beta: torch.Tensor,
     *,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Causal delta-rule fast-weight attention: out_i = S_iᵀ q_i (see the module docstring).
 
@@ -81,13 +83,14 @@ def delta_rule(
             the update is a contraction when β_i ‖k_i‖² <= 2).
         v: (..., N, Dv) values.
         beta: (..., N) write strengths β_i (the paper's sigmoid outputs, in (0, 1)).
-        chunk_size: chunk length L (speed and memory only: the result does not depend on it).
+        chunk_size: chunk length L (speed and memory only: the result does not depend on it); None
+            chooses it for the device (:func:`visattn.layers.linear_attention.default_chunk_size`,
+            kind "delta").
 
     Computed in float32 at least with autocast off (the triangular inverse and the carried state
     need the precision); returns v's dtype.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"delta_rule: chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size, "delta_rule")
     if q.shape[:-1] != k.shape[:-1] or k.shape[:-1] != v.shape[:-1] or beta.shape != k.shape[:-1]:
         raise ValueError(
             f"delta_rule: expected q, k (..., N, Dk), v (..., N, Dv), beta (..., N), got "
@@ -96,6 +99,8 @@ def delta_rule(
     out_dtype = v.dtype
     dt = torch.promote_types(v.dtype, torch.float32)
     n, dv = v.shape[-2], v.shape[-1]
+    if chunk_size is None:
+        chunk_size = default_chunk_size(q.device, dt, k.shape[-1], dv, "delta")
     L = min(chunk_size, n)
     pad = (-n) % L
     with torch.autocast(q.device.type, enabled=False):

@@ -59,6 +59,9 @@ __all__ = [
     "RandomFeatures",
     "linear_attention",
     "causal_linear_scan",
+    "CHUNK_RULES",
+    "default_chunk_size",
+    "check_chunk_size",
     "KernelAttnBlock",
 ]
 
@@ -296,6 +299,81 @@ class RandomFeatures(nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
+#: How :func:`default_chunk_size` picks the chunk length of the causal scans, by device type ("cuda", "cpu",
+#: or "other" for every other device) and scan kind ("linear": :func:`causal_linear_scan`, "delta":
+#: :func:`visattn.layers.delta_rule.delta_rule`): ``(scale, smallest, largest)`` gives
+#: L = scale·√(Dk·Dv) rounded to a power of two, clamped to [smallest, largest]. Edit an entry to retune
+#: every block at once.
+CHUNK_RULES: dict[str, dict[str, tuple[float, int, int]]] = {
+    "cuda": {"linear": (1.0, 64, 64), "delta": (1.0, 64, 64)},  # fla's Hopper choice; unmeasured here
+    "cpu": {"linear": (1.0, 32, 128), "delta": (0.5, 32, 64)},  # measured, see default_chunk_size
+    "other": {"linear": (1.0, 64, 64), "delta": (1.0, 64, 64)},  # as CUDA: an accelerator, unmeasured
+}
+
+
+def default_chunk_size(
+    device: torch.device | str,
+    dtype: torch.dtype,
+    head_dim_k: int,
+    head_dim_v: int,
+    kind: str = "linear",
+) -> int:
+    """Chunk length of a causal scan on ``device``: what a block's ``chunk_size=None`` stands for.
+
+    The one place where the chunk length is chosen (from :data:`CHUNK_RULES`). ``head_dim_k`` and
+    ``head_dim_v`` are the scan's Dk (feature size of q and k) and Dv (value columns, the normaliser's
+    included). The result of a scan does not depend on the chunk length, only its speed and memory.
+
+    CUDA and other accelerators: 64 for both scans, flash-linear-attention's choice for Hopper-class
+    GPUs. This is NOT measured here; ``tools/gpu_sweep.py`` measures it with
+    :func:`visattn.bench.chunks.sweep_chunk_sizes` when a device session runs.
+
+    CPU: L ≈ √(Dk·Dv) for linear attention (32 to 128) and half that for the delta rule (32 to 64),
+    from ``sweep_chunk_sizes`` on a shared 2-core CPU (1 thread, float32, 4 sequences of 4096 tokens,
+    3 to 5 interleaved rounds; fwd+bwd time relative to the fastest size, L: ratio):
+
+    ======================  =============================================
+    linear, Dk = Dv = 16    16: 1.20, 32: 1.00, 64: 1.19, 128: 2.50
+    linear, Dk = Dv = 32    16: 2.30, 32: 1.00, 64: 1.41, 128: 2.18
+    linear, Dk = Dv = 64    16: 3.10, 32: 1.19, 64: 1.00, 128: 1.07
+    linear, Dk = Dv = 128   32: 2.16, 64: 1.35, 128: 1.00, 256: 1.15 (2 x 2048 tokens)
+    linear, Dk=110, Dv=33   32: 1.44, 64: 1.00, 128: 1.09 (Performer's features)
+    delta, Dk = Dv = 16     16: 1.00, 32: 1.01, 64: 1.60, 128: 2.81
+    delta, Dk = Dv = 32     16: 1.26, 32: 1.00, 64: 1.19, 128: 2.20
+    delta, Dk = Dv = 64     16: 1.19, 32: 1.00, 64: 1.21, 128: 1.46
+    delta, Dk = Dv = 128    32: 1.18, 64: 1.00, 128: 1.39, 256: 2.03 (2 x 2048 tokens)
+    ======================  =============================================
+
+    Small chunks lose to the many (Dk x Dv) chunk states, large ones to the quadratic work inside a
+    chunk; the balance moves with the state size Dk·Dv, hence the rule. ``dtype`` does not change the
+    choice: the scans compute in float32 at least (float16/bfloat16 are promoted), and float64 on the
+    CPU ranked the sizes as float32 did (Dk = Dv = 32: linear 32: 1.00, 64: 1.04; delta 16: 1.00,
+    32: 1.04, 64: 1.74). It is a parameter so that a measured dtype dependence (on a GPU) has its place.
+    """
+    if kind not in ("linear", "delta"):
+        raise ValueError(f"default_chunk_size: kind must be 'linear' or 'delta', got {kind!r}")
+    for value, what in ((head_dim_k, "head_dim_k"), (head_dim_v, "head_dim_v")):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"default_chunk_size: {what} must be a positive int, got {value!r}")
+    scale, smallest, largest = CHUNK_RULES.get(torch.device(device).type, CHUNK_RULES["other"])[kind]
+    # nearest power of two on a log scale (half-up, not Python's round-half-even)
+    exponent = math.floor(math.log2(scale * math.sqrt(head_dim_k * head_dim_v)) + 0.5)
+    return min(max(2**exponent, smallest), largest)
+
+
+def check_chunk_size(chunk_size: int | None, owner: str) -> int | None:
+    """``chunk_size`` unchanged when it is None (chosen per device) or a positive int; ValueError naming
+    ``owner`` (a block or function) otherwise."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(
+            f"{owner}: chunk_size must be a positive int or None (None: chosen for the device by "
+            f"visattn.layers.linear_attention.default_chunk_size), got {chunk_size!r}"
+        )
+    return chunk_size
+
+
 def _chunk_prep(q, k, v, g, L):
     """Chunked views, the intra-chunk decay matrix and per-chunk quantities shared by fwd/bwd."""
     qc, kc, vc = (rearrange(t, "... (c l) d -> ... c l d", l=L) for t in (q, k, v))
@@ -405,18 +483,19 @@ def causal_linear_scan(
     v: torch.Tensor,
     log_decay: torch.Tensor | None = None,
     *,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     recompute: bool = False,
 ) -> torch.Tensor:
     """Unnormalised causal linear attention: out_i = Σ_{j<=i} exp(G_i − G_j) (q_i·k_j) v_j.
 
     ``q``, ``k``: (..., N, Dk); ``v``: (..., N, Dv); ``log_decay`` g: (..., N), G = cumsum(g),
     g <= 0 (None: no decay, plain prefix sums). Chunked: quadratic inside chunks of ``chunk_size``
-    tokens, a (Dk, Dv) state between chunks. ``recompute=True`` saves only the inputs for backward
-    and recomputes the chunk states there (memory for backward does not grow with Dk·Dv·N/L).
+    tokens (None: :func:`default_chunk_size` for the tensors' device, dtype and head dims; the result
+    does not depend on it), a (Dk, Dv) state between chunks. ``recompute=True`` saves only the inputs
+    for backward and recomputes the chunk states there (memory for backward does not grow with Dk·Dv·N/L).
     """
-    if chunk_size < 1:
-        raise ValueError(f"causal_linear_scan: chunk_size must be >= 1, got {chunk_size}")
+    if check_chunk_size(chunk_size, "causal_linear_scan") is None:
+        chunk_size = default_chunk_size(q.device, q.dtype, q.shape[-1], v.shape[-1], "linear")
     n = q.shape[-2]
     L = min(chunk_size, n)
     pad = (-n) % L
@@ -437,7 +516,7 @@ def linear_attention(
     *,
     causal: bool = False,
     log_decay: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     eps: float = 1e-6,
     normalize: bool = True,
     recompute: bool = False,
@@ -453,7 +532,8 @@ def linear_attention(
         v: values (..., N, Dv).
         causal: raster-order causal form.
         log_decay: (..., N) per-step log decay (causal only).
-        chunk_size: chunk length of the causal scan.
+        chunk_size: chunk length of the causal scan (None: chosen for the device, see
+            :func:`default_chunk_size`).
         eps: added to the denominator (the clamp at 0 only matters for sign-changing features).
         normalize: False returns the numerator alone.
         recompute: causal only; save only the inputs for backward (SLiM).
@@ -503,7 +583,8 @@ class KernelAttnBlock(AttnBlock):
         channels: C.
         heads: number of heads (must divide C; default: heads of 32 channels, ``default_heads``).
         causal: raster-order causal attention.
-        chunk_size: chunk length of the causal scan.
+        chunk_size: chunk length of the causal scan; None (default) chooses it for the device at call
+            time (:func:`default_chunk_size`), an int overrides it. Speed and memory only, not the result.
         eps: denominator epsilon.
         recompute: save only q, k, v of the causal scan for backward.
         qkv_bias: bias of the q/k/v projection.
@@ -515,7 +596,7 @@ class KernelAttnBlock(AttnBlock):
         *,
         heads: int | None = None,
         causal: bool = False,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         eps: float = 1e-6,
         recompute: bool = False,
         qkv_bias: bool = True,
@@ -525,8 +606,7 @@ class KernelAttnBlock(AttnBlock):
         super().__init__(channels)
         name = self._block_name()
         heads = resolve_heads(channels, heads, name)
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"{name}: chunk_size must be a positive int, got {chunk_size!r}")
+        check_chunk_size(chunk_size, name)
         if not eps > 0:
             raise ValueError(f"{name}: eps must be > 0, got {eps!r}")
         dd = factory_kwargs(device, dtype)
@@ -575,4 +655,7 @@ class KernelAttnBlock(AttnBlock):
         return x + to_map(self.proj(self.attend(tokens)), h, w)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, heads={self.heads}, causal={self.causal}"
+        return (
+            f"channels={self.channels}, heads={self.heads}, causal={self.causal}, "
+            f"chunk_size={self.chunk_size}"
+        )
