@@ -364,6 +364,213 @@ def test_gpu_sweep_smoke_on_cpu_and_docs_section(tmp_path, monkeypatch, capsys):
     assert "Seconds per stage (estimate in brackets): chunks:float32" in text
 
 
+def _goal_row(
+    name, side, ratio, fraction=math.nan, block_ms=1.0, status="ok", mode="eager", dtype="bfloat16"
+):
+    from visattn.bench.vs_dense import DenseRatio
+
+    return DenseRatio(
+        name, 2, 256, side, side, dtype, "cuda", mode, 8, 3, block_ms, block_ms / ratio, ratio, 1.0, 1.0, 1.0,
+        status, block_matmul_fraction=fraction,
+    )  # fmt: skip
+
+
+def test_gpu_sweep_goal_checks_decide_each_goal_from_the_rows():
+    sweep = _load_tool("gpu_sweep")
+    engines = {"pattern": ["longformer", "bigbird"], "scan": ["performer"]}
+    rows = [
+        _goal_row("longformer", 128, 0.8, fraction=0.30),
+        _goal_row("longformer", 256, 0.3, fraction=0.40),
+        _goal_row("bigbird", 128, 1.0, fraction=0.25),  # on the limits: met
+        _goal_row("bigbird", 256, 0.33, fraction=0.26),
+        _goal_row("performer", 128, 1.2, fraction=0.10),
+        _goal_row("performer", 256, 0.2),  # timed, but no FLOPs: the fraction goal cannot count it
+        _goal_row("performer", 128, 0.5, fraction=0.9, mode="compiled"),  # compiled rows do not count
+        _goal_row("performer", 128, 0.5, fraction=0.9, dtype="float32"),  # nor other dtypes
+        _goal_row("danet", 128, 3.0),  # declared O(N^2): no ratio goal
+        _goal_row("cbam", 128, math.nan, status="skipped: one block forward+backward took 3.0 s > 2 s"),
+        _goal_row("cbam", 256, 0.1),
+        _goal_row("compressive", 64, 0.5, block_ms=12.0),
+        _goal_row("memformer", 64, 0.5, block_ms=8.0),
+        _goal_row("pkm", 128, math.nan, status="error: RuntimeError: no bf16 kernel"),
+    ]
+    checks = sweep.goal_checks(rows, engines)
+    assert [(c["goal"], c["verdict"]) for c in checks] == [
+        ("FLOP exponent <= 1.5: <= 1.00x dense at 128x128", "not met"),
+        ("FLOP exponent <= 1.5: <= 0.33x dense at 256x256", "open"),
+        ("pattern-engine blocks >= 25% of the matmul rate at 128 and 256", "met"),
+        ("linear-scan blocks >= 25% of the matmul rate at 128 and 256", "not met"),
+        ("compressive and memformer <= 10 ms at 64x64", "not met"),
+        ("`pkm` runs in bfloat16", "not met"),
+    ]
+    details = [c["detail"] for c in checks]
+    assert details[0] == (
+        "3 measured; 1 above 1.00x: `performer` 1.20x; not measured: `cbam` (skipped), `compressive` (no row), "
+        "`memformer` (no row), `pkm` (error)"
+    )
+    assert details[1] == (
+        "4 measured; not measured: `compressive` (no row), `memformer` (no row), `pkm` (no row)"
+    )
+    assert details[2] == "4 measured"
+    assert (
+        details[3]
+        == "1 measured; 1 below 25%: `performer` at 128 10 %; not measured: `performer` at 256 (no FLOPs)"
+    )
+    assert details[4] == "2 measured; 1 above 10 ms: `compressive` 12.0 ms"
+    assert details[5] == "error: RuntimeError: no bf16 kernel"
+    # every goal met; pkm ran; nothing measured at all
+    good = [r for r in rows if r.name in ("longformer", "bigbird", "memformer")]
+    good.append(_goal_row("pkm", 64, 0.9))
+    checks = sweep.goal_checks(good, {"pattern": ["longformer", "bigbird"], "scan": []}, sides=(128, 256))
+    assert [c["verdict"] for c in checks] == ["open", "open", "met", "not measured", "open", "met"]
+    assert (
+        checks[5]["detail"] == "ran at 64x64 eager" and checks[3]["detail"] == "no such block in this sweep"
+    )
+    assert [c["verdict"] for c in sweep.goal_checks([], engines)] == ["not measured"] * 6
+    table = sweep.markdown_goals(checks[-1:]).splitlines()
+    assert table == [
+        "| goal | verdict | detail |",
+        "|---|---|---|",
+        "| `pkm` runs in bfloat16 | **met** | ran at 64x64 eager |",
+    ]
+
+
+def test_gpu_sweep_plan_estimate_stages_and_chunk_table():
+    import argparse
+
+    sweep = _load_tool("gpu_sweep")
+    cfg = sweep.plan(smoke=False)
+    assert cfg["stages"][:4] == [
+        ("chunks", "bfloat16", 0), ("eager", "bfloat16", 128), ("eager", "bfloat16", 256), ("eager", "bfloat16", 64)
+    ]  # fmt: skip
+    names = ["a", "b", "c", "d"]
+    est = sweep.estimate(cfg, names, {"a"})
+    assert est[0] == ("start", cfg["cost"]["start_s"]) and est[1] == (
+        "chunks:bfloat16",
+        cfg["cost"]["chunks_s"],
+    )
+    by = dict(est)
+    assert by["peers:float32:64"] == cfg["cost"]["peer_s"]  # one block of four has a peer
+    assert by["compiled:bfloat16:128"] == pytest.approx(
+        by["eager:bfloat16:128"] + 4 * cfg["cost"]["compile_s"]
+    )
+    assert by["eager:bfloat16:256"] > by["eager:bfloat16:128"] > by["eager:bfloat16:64"]
+    assert by["eager:float32:128"] > by["eager:bfloat16:128"]
+    text = sweep.format_plan([("start", 10.0), ("x", 20.0), ("y", 40.0), ("z", 5.0)], budget=50)
+    assert text.splitlines()[2:] == [
+        "  x                        ~     20 s   total ~    30 s",
+        "  y                        ~     40 s   total ~    70 s  cut by the budget after ~50% of it",
+        "  z                        ~      5 s   total ~    75 s  past the budget: not run",
+        "estimated: ~50 s of 75 s for the whole plan",
+    ]
+    assert sweep.parse_stage("chunks:bfloat16") == ("chunks", "bfloat16", 0)
+    assert sweep.parse_stage("eager:float32:64") == ("eager", "float32", 64)
+    with pytest.raises(argparse.ArgumentTypeError, match="KIND eager|compiled|peers|agreement|chunks"):
+        sweep.parse_stage("chunk:bfloat16")
+
+    def chunk(kind, size, ms, default=False):
+        return {"kind": kind, "chunk_size": size, "tokens": 64, "batch_heads": 2, "head_dim": 4,
+                "dtype": "bfloat16", "device": "cuda", "fwd_bwd_ms": ms, "flops": 1e9, "tflops": 1e-3 / ms,
+                "is_default": default}  # fmt: skip
+
+    table = sweep.markdown_chunks(
+        [chunk("linear", 16, 2.0), chunk("linear", 64, 3.0, True), chunk("delta", 16, 4.0, True)]
+    ).splitlines()
+    assert table[2:] == [
+        "| linear | bfloat16 | 64 x 2 x 4 | 64 | 16 | 1.50 | 0.0005 | 16: 2, 64: 3 |",
+        "| delta | bfloat16 | 64 x 2 x 4 | 16 | 16 | 1.00 | 0.00025 | 16: 4 |",
+    ]
+
+
+def test_gpu_sweep_engine_blocks_are_read_from_the_code():
+    sweep = _load_tool("gpu_sweep")
+    got = sweep.engine_blocks(["bigbird", "cbam", "dpfp", "efficient_attention", "longformer", "performer"])
+    # bigbird calls the engine's function without its PatternAttention module; dpfp's scan is the delta rule
+    assert got == {"pattern": ["bigbird", "longformer"], "scan": ["dpfp", "performer"]}
+
+
+def test_vs_dense_flops_fields_counted_reused_or_explained(monkeypatch):
+    import visattn
+    from visattn.bench import vs_dense
+    from visattn.layers import sparse_pattern
+
+    times = iter([6.0, 2.0, 2.0, 6.0, 6.0, 2.0])
+    row = vs_dense.measure_vs_dense(
+        "gcnet",
+        channels=16,
+        size=(4, 6),
+        rounds=3,
+        timer=lambda fn: next(times),
+        count_flops=True,
+        matmul_tflops=2.0,
+    )
+    assert (row.block_ms, row.dense_ms) == (6.0, 2.0) and row.block_flops > 0 and row.dense_flops > 0
+    assert row.block_tflops == pytest.approx(row.block_flops / 6e-3 / 1e12)
+    assert row.dense_tflops == pytest.approx(row.dense_flops / 2e-3 / 1e12)
+    assert row.block_matmul_fraction == pytest.approx(row.block_tflops / 2.0) and row.matmul_tflops == 2.0
+    # off by default: nothing counted, nothing invented
+    plain = vs_dense.measure_vs_dense("gcnet", channels=16, size=(4, 6), rounds=1, timer=lambda fn: 1.0)
+    assert (
+        math.isnan(plain.block_flops) and math.isnan(plain.block_matmul_fraction) and plain.flops_note == ""
+    )
+
+    def boom(model, x):
+        raise RuntimeError("no formula")
+
+    monkeypatch.setattr(vs_dense, "forward_backward_flops", boom)
+    known = vs_dense.measure_vs_dense(
+        "gcnet",
+        channels=16,
+        size=(4, 6),
+        rounds=1,
+        timer=lambda fn: 2.0,
+        known_flops=(4e9, 8e9),
+        matmul_tflops=1.0,
+    )
+    assert (known.block_flops, known.dense_flops, known.block_tflops, known.dense_matmul_fraction) == (
+        4e9, 8e9, 2.0, 4.0
+    )  # fmt: skip
+    failed = vs_dense.measure_vs_dense(
+        "gcnet", channels=16, size=(4, 6), rounds=1, timer=lambda fn: 2.0, count_flops=True
+    )
+    assert failed.status == "ok" and failed.time_ratio == 1.0 and math.isnan(failed.block_flops)
+    assert failed.flops_note == "RuntimeError: no formula"
+    monkeypatch.undo()
+    # a pattern block is counted on the engine's reference path whatever the setting: 'flex' has no CPU
+    # backward (it raises), so this count only works because the reference path is forced
+    block = visattn.create_attn("longformer", 16)
+    x = torch.randn(1, 16, 8, 8, requires_grad=True)
+    reference = vs_dense.forward_backward_flops(block, x)
+    with sparse_pattern.backend("flex"):
+        assert vs_dense.forward_backward_flops(block, x) == reference > 0
+        assert sparse_pattern.get_backend() == "flex"
+
+
+def test_vs_dense_rows_and_sweeps_written_before_the_flops_fields_still_load(tmp_path):
+    from visattn.bench.vs_dense import read_vs_dense_json
+
+    sweep = _load_tool("gpu_sweep")
+    old = {
+        "name": "cbam", "batch": 2, "channels": 256, "height": 128, "width": 128, "dtype": "bfloat16",
+        "device": "cuda", "mode": "eager", "heads": 8, "rounds": 3, "block_ms": 1.0, "dense_ms": 2.0,
+        "time_ratio": 0.5, "block_saved_mib": 1.0, "dense_saved_mib": 2.0, "memory_ratio": 0.5, "status": "ok",
+        "first_call_s": 0.1,
+    }  # fmt: skip
+    (tmp_path / "v.json").write_text(json.dumps({"meta": {}, "rows": [old]}))
+    (row,) = read_vs_dense_json(tmp_path / "v.json")[1]
+    assert row.time_ratio == 0.5 and math.isnan(row.block_flops) and row.flops_note == ""
+    meta = {
+        "device": "NVIDIA H200 (torch 2.11)", "batch": 2, "channels": 256, "rounds": 3, "started": "then",
+        "matmul_tflops_fp32": 51.0, "matmul_tflops_bf16": 684.0, "stopped": None,
+    }  # fmt: skip
+    (tmp_path / "sweep.json").write_text(
+        json.dumps({"meta": meta, "vs_dense": [old], "peers": [], "agreement": []})
+    )
+    text = sweep.docs_section(tmp_path)
+    assert "NVIDIA H200" in text and "### Issue 16's goals (128/256: bf16 eager rows)" in text
+    assert "| `cbam` |  | 1 | 0.50 | - (-) | - | - |" in text and "Chunk size" not in text
+
+
 def test_benchmarks_doc_vs_dense_section_from_json(tmp_path, monkeypatch):
     pytest.importorskip("matplotlib")
     from visattn.bench.vs_dense import write_vs_dense_json

@@ -10,7 +10,10 @@ Timing is a ratio measured in one run: each round times the block and the refere
 (alternating which goes first, so a load change hits both alike) and the reported ratio is the median
 over rounds of (block / dense in the same round). Saved-activation memory is deterministic
 (:func:`visattn.bench.saved_activation_bytes`). The crossover is the smallest square side of a grid
-from which on the block is faster than dense at every larger side of the grid.
+from which on the block is faster than dense at every larger side of the grid. On request
+(``count_flops=True``; the GPU sweep asks, the CPU docs run does not) a row also carries the FLOPs of
+one forward+backward of block and dense, counted once outside the timing, and the fraction of the same
+run's matmul throughput that each achieves.
 """
 
 from __future__ import annotations
