@@ -543,6 +543,7 @@ def linear_attention(
     """
     if log_decay is not None and not causal:
         raise ValueError("linear_attention: log_decay needs causal=True (a decay needs an order)")
+    check_chunk_size(chunk_size, "linear_attention")
     out_dtype = v.dtype
     dt = torch.promote_types(v.dtype, torch.float32)
     with torch.autocast(q.device.type, enabled=False):
