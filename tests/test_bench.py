@@ -482,6 +482,27 @@ def test_gpu_sweep_plan_estimate_stages_and_chunk_table():
     ]
 
 
+def test_gpu_sweep_budget_stop_and_failed_chunk_sweep_leave_a_valid_file(tmp_path, monkeypatch):
+    from visattn.bench import chunks
+
+    sweep = _load_tool("gpu_sweep")
+    argv = ["--smoke", "--names", "gcnet", "--stages", "chunks:float32", "eager:float32:4"]
+    assert sweep.main([str(tmp_path / "a"), *argv, "--budget", "0"]) == 0
+    stopped = json.loads((tmp_path / "a" / "sweep.json").read_text())
+    assert stopped["meta"]["stopped"] == "budget of 0 s reached before chunks:float32"
+    assert stopped["vs_dense"] == [] and stopped["chunks"] == []
+
+    def broken(**kwargs):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(chunks, "sweep_chunk_sizes", broken)
+    assert sweep.main([str(tmp_path / "b"), *argv]) == 0
+    done = json.loads((tmp_path / "b" / "sweep.json").read_text())
+    assert done["meta"]["chunks_error"] == "RuntimeError: no kernel" and done["meta"]["stopped"] is None
+    assert [r["status"] for r in done["vs_dense"]] == ["ok"]  # the stage after it still ran
+    assert "The chunk sweep failed: RuntimeError: no kernel" in sweep.docs_section(tmp_path / "b")
+
+
 def test_gpu_sweep_engine_blocks_are_read_from_the_code():
     sweep = _load_tool("gpu_sweep")
     got = sweep.engine_blocks(["bigbird", "cbam", "dpfp", "efficient_attention", "longformer", "performer"])

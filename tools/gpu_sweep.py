@@ -399,29 +399,33 @@ def run(
                 if kind == "compiled":
                     torch._dynamo.reset()  # compiled graphs of earlier blocks are not needed again
             elif kind == "chunks":
-                from visattn.bench.chunks import sweep_chunk_sizes
-
                 try:
+                    from visattn.bench.chunks import sweep_chunk_sizes
+
                     results["chunks"] += sweep_chunk_sizes(device=dev, dtype=dtype, **cfg["chunk_kwargs"])
                 except Exception as err:  # a finding for the page, not a reason to stop
                     results["meta"]["chunks_error"] = f"{type(err).__name__}: {err}"[:300]
             elif kind == "peers":
-                for ours, peer, label in peers.compare(
-                    [name],
-                    batch=cfg["batch"],
-                    channels=cfg["channels"],
-                    size=(side, side),
-                    dtype=dtype,
-                    device=cfg["device"],
-                    min_run_time=cfg["min_time"],
-                ):
+                try:
+                    compared = peers.compare(
+                        [name],
+                        batch=cfg["batch"],
+                        channels=cfg["channels"],
+                        size=(side, side),
+                        dtype=dtype,
+                        device=cfg["device"],
+                        min_run_time=cfg["min_time"],
+                    )
+                except Exception as err:  # one session, unattended: a failing peer must not end the run
+                    compared = [(None, None, f"error: {type(err).__name__}: {err}"[:200])]
+                for ours, peer, label in compared:
                     results["peers"].append(
                         {
                             "name": name,
                             "dtype": dt_name,
                             "side": side,
-                            "ours_ms": ours.fwd_bwd_ms,
-                            "ours_mib": ours.saved_mib,
+                            "ours_ms": ours.fwd_bwd_ms if ours else None,
+                            "ours_mib": ours.saved_mib if ours else None,
                             "peer_ms": peer.fwd_bwd_ms if peer else None,
                             "peer_mib": peer.saved_mib if peer else None,
                             "label": label,
