@@ -17,6 +17,8 @@ __all__ = ["accuracy_dtype", "upcast_for_accuracy"]
 def accuracy_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype a sensitive step on ``dtype`` data runs in: float32 for half (and integer or bool)
     types, ``dtype`` itself for float32 and float64 (complex types keep at least complex64)."""
+    if dtype.is_floating_point and dtype.itemsize < 4:
+        return torch.float32  # torch has no promotion rule for the float8 types
     return torch.promote_types(dtype, torch.float32)
 
 
