@@ -284,15 +284,10 @@ def section(meta: dict, rows: list[RegressionRow]) -> str:
 
 
 def replace_section(text: str, body: str) -> str:
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    start, end = text.find(BEGIN), text.find(END)
-    if start == -1 and end == -1:
-        return text.rstrip() + "\n\n" + block + "\n"
-    if start == -1 or end < start:
-        raise ValueError(
-            f"cpu_regression: {PAGE} has a broken generated section; restore {BEGIN!r} and {END!r}"
-        )
-    return text[:start] + block + text[end + len(END) :]
+    sys.path.insert(0, str(ROOT))
+    from visattn.bench.rows_io import replace_generated_section
+
+    return replace_generated_section(text, body, BEGIN, END, "cpu_regression")
 
 
 def doc(args: argparse.Namespace) -> None:

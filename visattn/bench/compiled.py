@@ -39,7 +39,7 @@ import torch.nn as nn
 from ..atomic import atomic_write_text
 from ..registry import create_attn
 from .measure import saved_activation_bytes
-from .rows_io import read_rows_json, write_rows_csv, write_rows_json
+from .rows_io import read_rows_json, replace_generated_section, write_rows_csv, write_rows_json
 from .runner import _progress
 from .vs_dense import _benchmark_ms, _sync, interleaved_ratio, load_average, machine_description
 
@@ -382,18 +382,8 @@ END = "<!-- compiled-cpu:end -->"
 
 
 def replace_compiled_section(text: str, body: str) -> str:
-    """``text`` with the generated eager-vs-compiled section replaced by ``body`` (appended when absent);
-    the rest of the page stays as it is."""
-    start, end = text.find(BEGIN), text.find(END)
-    section = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    if start == -1 and end == -1:
-        return text.rstrip() + "\n\n" + section + "\n"
-    if start == -1 or end < start:
-        raise ValueError(
-            f"bench --compiled: the page has a broken generated section (markers {BEGIN!r} / {END!r} missing "
-            "or out of order); restore both markers or delete what is left of them"
-        )
-    return text[:start] + section + text[end + len(END) :]
+    """``text`` with the generated eager-vs-compiled section replaced by ``body`` (appended when absent)."""
+    return replace_generated_section(text, body, BEGIN, END, "bench --compiled")
 
 
 def compiled_section(

@@ -15,7 +15,7 @@ import torch
 
 from ..atomic import atomic_write_text
 
-__all__ = ["write_rows_json", "write_rows_csv", "read_rows_json"]
+__all__ = ["write_rows_json", "write_rows_csv", "read_rows_json", "replace_generated_section"]
 
 Row = TypeVar("Row")
 
@@ -43,3 +43,19 @@ def read_rows_json(path: str | Path, row_type: type[Row], error: str) -> tuple[d
         return data["meta"], [row_type(**r) for r in data["rows"]]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(error.format(path=path, cause=f"{type(err).__name__}: {err}")) from err
+
+
+def replace_generated_section(text: str, body: str, begin: str, end: str, what: str) -> str:
+    """``text`` with the part between the markers ``begin`` and ``end`` replaced by ``body`` (appended with its
+    markers when absent), so a page's hand-written and other generated parts stay as they are. Markers present
+    but broken (one missing, or out of order) are a ValueError naming ``what`` wrote them, not a guess."""
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    start, stop = text.find(begin), text.find(end)
+    if start == -1 and stop == -1:
+        return text.rstrip() + "\n\n" + block + "\n"
+    if start == -1 or stop < start:
+        raise ValueError(
+            f"{what}: the page has a broken generated section (markers {begin!r} / {end!r} missing or out of "
+            "order); restore both markers or delete what is left of them"
+        )
+    return text[:start] + block + text[stop + len(end) :]

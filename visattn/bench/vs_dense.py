@@ -36,7 +36,7 @@ from ..layers.attention import MultiHeadAttention, default_heads, resolve_heads
 from ..registry import attn_info, create_attn
 from .measure import count_flops as _count_flops
 from .measure import saved_activation_bytes
-from .rows_io import read_rows_json, write_rows_csv, write_rows_json
+from .rows_io import read_rows_json, replace_generated_section, write_rows_csv, write_rows_json
 from .runner import _progress
 
 __all__ = [
@@ -498,18 +498,8 @@ END = "<!-- vs-dense:end -->"
 
 
 def replace_section(text: str, body: str) -> str:
-    """``text`` with the generated vs-dense section replaced by ``body`` (appended when absent), so a
-    page's hand-written and other generated parts stay as they are."""
-    block = f"{BEGIN}\n{body.rstrip()}\n{END}"
-    start, end = text.find(BEGIN), text.find(END)
-    if start == -1 and end == -1:
-        return text.rstrip() + "\n\n" + block + "\n"
-    if start == -1 or end < start:
-        raise ValueError(
-            f"vs-dense: the page has a broken generated section (markers {BEGIN!r} / {END!r} missing or "
-            "out of order); restore both markers or delete what is left of them"
-        )
-    return text[:start] + block + text[end + len(END) :]
+    """``text`` with the generated vs-dense section replaced by ``body`` (appended when absent)."""
+    return replace_generated_section(text, body, BEGIN, END, "vs-dense")
 
 
 def machine_description(device: str | torch.device = "cpu") -> str:
