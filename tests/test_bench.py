@@ -679,3 +679,19 @@ def test_saved_activation_bytes_frees_the_graph_it_measured():
     assert saved_activation_bytes(SavesOutput(), x) >= 64 * 64 * 4
     gc.collect()
     assert kept[0]() is None
+
+
+def test_device_session_script_is_valid_and_runs_what_exists():
+    """tools/device_session.sh is what a short device session runs: it must parse, and the test files it names
+    must exist and hold `gpu`-marked tests (a rename would otherwise waste the session's minutes)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = root / "tools" / "device_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    named = re.findall(r"tests/\w+\.py", script.read_text())
+    assert named, "the script names no test files"
+    for path in named:
+        assert "pytest.mark.gpu" in (root / path).read_text(), f"{path} has no gpu-marked test"
