@@ -287,40 +287,8 @@ ALLOWED = {
     "star": {_STAR_MASK},
 }
 
-# Findings not fixed with this test: each fix is more than a one-line use of the helper in a file outside
-# this change. Strict, so the fix flips them; the reasons name the place and the fix.
-_SINCOS = (
-    "sincos_2d (visattn/layers/pos_embed.py) builds the fixed 2D encoding in float32 and casts it: "
-    "build it in accuracy_dtype(dtype)"
-)
-_REFORMER = (
-    "visattn/attn/reformer.py Reformer._penalty: the de-duplication penalty log(count) is a float32 buffer "
-    "(torch.empty without dtype): needs the logits' dtype"
-)
-_ROUTING = (
-    "visattn/layers/clustering.py ema_update_: the centroid EMA runs in float32 (.float(), "
-    "dtype=torch.float32): use accuracy_dtype(means.dtype)"
-)
-KNOWN_BLOCKS = {
-    **dict.fromkeys(["dpfp", "isab", "linear", "performer", "performer_v1", "rfa", "slim", "star"], _SINCOS),
-    "reformer": _REFORMER,
-    "routing": _ROUTING,
-}
-KNOWN_CORES = {
-    "reformer": "visattn/layers/mixers/hashing.py ReformerCore: its bias is torch.zeros without dtype and "
-    "_counts returns .float(): use q's dtype",
-    "routing": _ROUTING,
-}
 
-
-def _marked(names, known):
-    return [
-        pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=known[n])) if n in known else n
-        for n in names
-    ]
-
-
-@pytest.mark.parametrize("name", _marked(visattn.list_attns(), KNOWN_BLOCKS))
+@pytest.mark.parametrize("name", visattn.list_attns())
 def test_block_float64_forward_and_backward_stay_float64(name):
     """Every block, float64 (B=1, C=16, 5 x 6, training mode except the blocks that draw at random in
     training, zero parameters drawn as the contract's gradient check): no op returns a float32 tensor.
@@ -344,7 +312,7 @@ def test_sinkhorn_variants_stay_float64(kwargs):
     assert not spy.found, "\n".join(dict.fromkeys(spy.found))
 
 
-@pytest.mark.parametrize("name", _marked(sorted(MIXERS), KNOWN_CORES))
+@pytest.mark.parametrize("name", sorted(MIXERS))
 def test_vit_core_float64_forward_and_backward_stay_float64(name):
     """Every ViT mixer core on float64 q, k, v (B=1, 2 heads, d=8, a 3 x 4 grid and one prefix token;
     training mode except the blocks that draw at random in training): no op returns a float32 tensor."""

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
+from ..layers import AttnBlock, accuracy_dtype, factory_kwargs, resolve_heads, to_map, to_tokens
 from ..layers.hashing import (
     angular_buckets,
     attend_lse,
@@ -166,10 +166,12 @@ class Reformer(AttnBlock):
             perm, inv = sort_with_inverse(buckets * n_pad + pos)
             qpos = perm.unflatten(-1, (nc, m))  # raster position of each sorted slot
             kpos = _look_back(qpos, 3, back)  # raster position of each key of each chunk's window
+            # log N_ij in at least float32 (half types round log 2 and log 3), and in float64 for float64.
+            acc = accuracy_dtype(qk.dtype)
             if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
-                penalty = _penalty_op(buckets, inv, qpos, kpos, m, nb, back, n, *self._penalty_flags())
+                penalty = _penalty_op(buckets, inv, qpos, kpos, m, nb, back, n, acc, *self._penalty_flags())
             else:
-                penalty = self._penalty(buckets, inv, qpos, kpos, m, nb, back, n)
+                penalty = self._penalty(buckets, inv, qpos, kpos, m, nb, back, n, acc)
 
         sq = gather_tokens(qk, perm).unflatten(3, (nc, m))  # (b, h, R, nc, m, d)
         # The padding keys are zero vectors: F.normalize's default eps (1e-12) is 0 in float16, giving 0/0.
@@ -201,10 +203,12 @@ class Reformer(AttnBlock):
     def _penalty_flags(self) -> tuple[bool, bool, bool, int]:
         return self.causal, self.attend_across_buckets, self.allow_duplicates, self.n_hashes
 
-    def _penalty(self, buckets, inv, qpos, kpos, m: int, nb: int, back: int, n: int) -> torch.Tensor:
-        """What to subtract from the logits, (b * h * R * nc, m, w) or a broadcastable (m, w): inf for keys
-        outside the window, masked or padded; log N_ij for the rounds' de-duplication; 1e5 on the query's
-        own key (slot i of its own chunk, the first m keys of its window)."""
+    def _penalty(
+        self, buckets, inv, qpos, kpos, m: int, nb: int, back: int, n: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """What to subtract from the logits, (b * h * R * nc, m, w) or a broadcastable (m, w), in ``dtype``:
+        inf for keys outside the window, masked or padded; log N_ij for the rounds' de-duplication; 1e5 on
+        the query's own key (slot i of its own chunk, the first m keys of its window)."""
         w = kpos.shape[-1]
         shape = (*qpos.shape, w)  # (b, h, R, nc, m, w)
         dedup = not (self.allow_duplicates or self.n_hashes == 1)
@@ -218,15 +222,15 @@ class Reformer(AttnBlock):
         if dedup:
             counts = self._counts(codes, nexts, qpos, back)
             if exporting:
-                penalty = counts.to(torch.float32).log().view(-1, m, w)
+                penalty = counts.to(dtype).log().view(-1, m, w)
             else:  # into a buffer of its own (the logits later), then the log in place
-                penalty = torch.empty(math.prod(shape[:-2]), m, w, device=counts.device)
+                penalty = torch.empty(math.prod(shape[:-2]), m, w, device=counts.device, dtype=dtype)
                 penalty.view(shape).copy_(counts)
                 penalty.log_()
         elif masked:
-            penalty = torch.zeros(math.prod(shape[:-2]), m, w, device=qpos.device)
+            penalty = torch.zeros(math.prod(shape[:-2]), m, w, device=qpos.device, dtype=dtype)
         else:
-            penalty = torch.zeros(m, w, device=qpos.device)
+            penalty = torch.zeros(m, w, device=qpos.device, dtype=dtype)
         if masked:
             allowed = (kpos < n).unsqueeze(-2)
             if self.causal:
@@ -245,7 +249,7 @@ class Reformer(AttnBlock):
             else:
                 penalty.view(shape).masked_fill_(excluded, float("inf"))
         if torch.compiler.is_exporting():  # the ONNX decomposition needs a functional graph
-            return penalty + SELF_PENALTY * torch.eye(m, w, device=qpos.device)
+            return penalty + SELF_PENALTY * torch.eye(m, w, device=qpos.device, dtype=dtype)
         # In place on the (m, w) diagonal of every chunk: m entries, not a pass over all logits.
         penalty.diagonal(dim1=-2, dim2=-1).add_(SELF_PENALTY)
         return penalty
@@ -363,6 +367,7 @@ def _penalty_op(
     nb: int,
     back: int,
     n: int,
+    dtype: torch.dtype,
     causal: bool,
     attend_across_buckets: bool,
     allow_duplicates: bool,
@@ -370,16 +375,16 @@ def _penalty_op(
 ) -> torch.Tensor:
     """:meth:`Reformer._penalty` as a custom op (see above); its output is a fresh tensor."""
     spec = _PenaltySpec(causal, attend_across_buckets, allow_duplicates, n_hashes)
-    return spec._penalty(buckets, inv, qpos, kpos, m, nb, back, n)
+    return spec._penalty(buckets, inv, qpos, kpos, m, nb, back, n, dtype)
 
 
 @_penalty_op.register_fake
 def _penalty_fake(
-    buckets, inv, qpos, kpos, m, nb, back, n, causal, attend_across_buckets, allow_duplicates, n_hashes
+    buckets, inv, qpos, kpos, m, nb, back, n, dtype, causal, attend_across_buckets, allow_duplicates, n_hashes
 ):
     dedup = not (allow_duplicates or n_hashes == 1)
     masked = causal or not attend_across_buckets or buckets.shape[-1] > n
     w = kpos.shape[-1]
     if dedup or masked:
-        return qpos.new_empty((math.prod(qpos.shape[:-1]), m, w), dtype=torch.float32)
-    return qpos.new_empty((m, w), dtype=torch.float32)
+        return qpos.new_empty((math.prod(qpos.shape[:-1]), m, w), dtype=dtype)
+    return qpos.new_empty((m, w), dtype=dtype)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .precision import accuracy_dtype
+
 __all__ = ["centroid_scores", "topw_members", "scatter_mean", "ema_update_", "commitment_loss"]
 
 
@@ -79,13 +81,16 @@ def ema_update_(means: torch.Tensor, x_unit: torch.Tensor, assign: torch.Tensor,
         x_unit: (B, h, N, d) unit tokens; assign: (B, h, N) nearest-centroid ids.
     """
     h, k, d = means.shape
-    x = x_unit.detach().float().transpose(0, 1).reshape(h, -1, d)
+    # Sums of many tokens and the EMA's small steps are noise in half types; float64 centroids keep
+    # float64 (the buffer's precision decides, as the result is written back into it).
+    acc = accuracy_dtype(means.dtype)
+    x = x_unit.detach().to(acc).transpose(0, 1).reshape(h, -1, d)
     ids = assign.transpose(0, 1).reshape(h, -1)
-    sums = torch.zeros(h, k, d, device=means.device, dtype=torch.float32).scatter_add_(
+    sums = torch.zeros(h, k, d, device=means.device, dtype=acc).scatter_add_(
         1, ids.unsqueeze(-1).expand(-1, -1, d), x
     )
-    counts = torch.zeros(h, k, device=means.device, dtype=torch.float32).scatter_add_(
-        1, ids, torch.ones_like(ids, dtype=torch.float32)
+    counts = torch.zeros(h, k, device=means.device, dtype=acc).scatter_add_(
+        1, ids, torch.ones_like(ids, dtype=acc)
     )
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         # Every replica must move its centroids identically, or their routing diverges.
@@ -93,8 +98,8 @@ def ema_update_(means: torch.Tensor, x_unit: torch.Tensor, assign: torch.Tensor,
         torch.distributed.all_reduce(counts)
     seen = counts > 0
     new = sums / counts.clamp_min(1).unsqueeze(-1)
-    moved = F.normalize(decay * means.float() + (1.0 - decay) * new, dim=-1)
-    means.copy_(torch.where(seen.unsqueeze(-1), moved, means.float()).to(means.dtype))
+    moved = F.normalize(decay * means.to(acc) + (1.0 - decay) * new, dim=-1)
+    means.copy_(torch.where(seen.unsqueeze(-1), moved, means.to(acc)).to(means.dtype))
 
 
 def commitment_loss(x_unit: torch.Tensor, means: torch.Tensor, assign: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from .block import check_odd_kernel, factory_kwargs
+from .precision import accuracy_dtype
 
 __all__ = ["sincos_2d", "ConvPosEnc"]
 
@@ -16,15 +17,19 @@ def sincos_2d(
     """Fixed 2D sine-cosine encoding (MAE / ViT-style), shape (H*W, dim) in raster order.
 
     A quarter of the channels encodes each of sin(y), cos(y), sin(x), cos(x); channels left over
-    when ``dim`` is not a multiple of 4 are zero.
+    when ``dim`` is not a multiple of 4 are zero. Computed in ``accuracy_dtype(dtype)`` (float32 for
+    half types and ``dtype=None``, float64 for float64), then cast to ``dtype``.
     """
     quarter = dim // 4
-    out = torch.zeros(height * width, dim, device=device, dtype=torch.float32)
+    # Half types cannot hold the positions or the sine arguments; a float64 model must get the float64
+    # encoding, not float32 values widened.
+    acc = torch.float32 if dtype is None else accuracy_dtype(dtype)
+    out = torch.zeros(height * width, dim, device=device, dtype=acc)
     if quarter > 0:
-        omega = 1.0 / temperature ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+        omega = 1.0 / temperature ** (torch.arange(quarter, device=device, dtype=acc) / quarter)
         ys, xs = torch.meshgrid(
-            torch.arange(height, device=device, dtype=torch.float32),
-            torch.arange(width, device=device, dtype=torch.float32),
+            torch.arange(height, device=device, dtype=acc),
+            torch.arange(width, device=device, dtype=acc),
             indexing="ij",
         )
         y = ys.reshape(-1, 1) * omega

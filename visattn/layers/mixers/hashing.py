@@ -24,6 +24,7 @@ from ..hashing import (
     xbox_plus,
 )
 from ..padding import ceil_div
+from ..precision import accuracy_dtype
 from .base import BlockHolder, MixerCore
 
 __all__ = ["SmyrfCore", "ReformerCore"]
@@ -121,10 +122,12 @@ class ReformerCore(MixerCore):
             q_perm, q_inv = sort_with_inverse(bq * n_pad + pos)
             k_perm, k_inv = sort_with_inverse(bk * n_pad + pos)
             kpos = look_one_back(k_perm.unflatten(-1, (nc, m)), 3)  # (b, h, R, nc, w)
-            bias = torch.zeros(kpos.shape, device=q.device).masked_fill(kpos >= n, float("-inf"))
+            # log N_ij in at least float32 (half types round log 2 and log 3), and in float64 for float64.
+            acc = accuracy_dtype(q.dtype)
+            bias = torch.zeros(kpos.shape, device=q.device, dtype=acc).masked_fill(kpos >= n, float("-inf"))
             bias = bias.unsqueeze(-2)
             if self.dedup:
-                bias = bias - self._counts(q_perm, q_inv, k_inv, kpos, m, nc).log_()
+                bias = bias - self._counts(q_perm, q_inv, k_inv, kpos, m, nc, acc).log_()
         scale = q.shape[-1] ** -0.5
         sq = gather_tokens(qp * scale, q_perm).unflatten(3, (nc, m))  # (b, h, R, nc, m, d)
         sk = look_one_back(gather_tokens(kp, k_perm).unflatten(3, (nc, m)), 3)
@@ -140,8 +143,11 @@ class ReformerCore(MixerCore):
         out = gather_tokens(out.flatten(3, 4), q_inv)
         return merge_rounds(out, lse.flatten(3).gather(-1, q_inv), dim=2)[:, :, :n]
 
-    def _counts(self, q_perm, q_inv, k_inv, kpos, m: int, nc: int) -> torch.Tensor:
-        """N_ij per (query, key) slot: the rounds in which key j lies in query i's two chunks (>= 1)."""
+    def _counts(
+        self, q_perm, q_inv, k_inv, kpos, m: int, nc: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """N_ij per (query, key) slot, in ``dtype``: the rounds in which key j lies in query i's two chunks
+        (>= 1)."""
         rounds = q_perm.shape[2]
         # Chunk ids and counters in bytes where they fit; a comparison writes bools, several times slower
         # on CPU than xor / min / clamp in one dtype: key j misses query i in round r iff its chunk differs
@@ -154,4 +160,4 @@ class ReformerCore(MixerCore):
             prev = torch.where(qc == 0, nc - 1, qc - 1)  # (qc - 1) % nc without wrapping the byte
             kc = k_chunk[:, :, r].gather(-1, kpos.flatten(2)).view_as(kpos).unsqueeze(-2)
             counts -= torch.minimum(qc ^ kc, prev ^ kc).clamp_max_(1)
-        return counts.clamp_min_(1).float()
+        return counts.clamp_min_(1).to(dtype)
