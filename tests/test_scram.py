@@ -1,14 +1,18 @@
-"""SCRAM: PatchMatch candidates, the k = N limit, and recall of the true top-k keys."""
+"""SCRAM: PatchMatch candidates, the k = N limit, recall of the true top-k keys, the carried scores against
+the re-scoring reference, and float64 end to end."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 from helpers import build, feature_map
+from test_precision import Float32Spy
 
 import visattn
+from visattn.attn import scram
 
 
 def _qkv(block, x):
@@ -114,3 +118,127 @@ def test_onnx_dynamic_hw_matches_eager(tmp_path):
     path = export.export_onnx(block, torch.randn(2, 32, 16, 20), tmp_path / "scram.onnx", dynamic=True)
     for size in [(1, 1), (3, 2), (13, 9), (20, 16)]:  # k > N, and maps taller than wide
         assert export.onnx_max_error(path, block, torch.randn(2, 32, *size)) <= 1e-4, size
+
+
+# --- issue 16: scores carried, not recomputed; float64 stays float64 ---------------------------------
+
+# Odd grids, one-row and one-column grids (a neighbour shift of size 0), lists longer than the map.
+SEARCH_CASES = [(5, 7, 4, 3), (13, 9, 16, 4), (1, 11, 3, 4), (9, 1, 5, 3), (17, 23, 16, 4), (2, 2, 9, 2)]
+
+
+def _search_inputs(h, w, dtype, seed, heads=2, d=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, heads, h * w, d, generator=g, dtype=dtype) for _ in range(2)]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fused"),
+    [(torch.float64, True), (torch.float32, True), (torch.float64, False)],
+    ids=["f64-fused", "f32-fused", "f64-gather"],
+)
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_carried_scores_select_what_rescoring_every_round_selects(monkeypatch, training, dtype, fused):
+    """The search that scores only new proposals returns the very lists (ids and order) of the reference
+    that re-scores the whole union every round with gathered per-pixel neighbours (the code before issue 16).
+    The gather path (compiled and exported graphs) in float64 only: its batched matmul rounds differently
+    for different list lengths, so in float32 a near-tie may fall either way (both are a PatchMatch)."""
+    monkeypatch.setattr(scram, "_fused_scores", lambda q: fused)
+    for i, (h, w, k, iterations) in enumerate(SEARCH_CASES):
+        block = visattn.create_attn("scram", 16, k=k, iterations=iterations, seed=i).train(training)
+        q, key = _search_inputs(h, w, dtype, seed=i)
+        torch.manual_seed(i)  # the seed a training call draws
+        found = block.patchmatch(q, key, h, w)
+        torch.manual_seed(i)
+        expected = block._reference_patchmatch(q, key, h, w)
+        assert torch.equal(found, expected), (h, w, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("size", [(7, 5), (3, 11)])
+def test_outputs_and_gradients_equal_the_reference_search(dtype, size):
+    """Block output and the gradients of the input and of every parameter (q, k, v projections, output
+    projection) are bit-identical with the re-scoring search. SCRAM has no causal mode (causal=False)."""
+    block = build("scram", 16, k=6, heads=2, seed=2).to(dtype).eval()
+    reference = copy.deepcopy(block)
+    reference.patchmatch = reference._reference_patchmatch
+    results = []
+    for b in (block, reference):
+        x = feature_map(2, 16, *size, seed=3).to(dtype).requires_grad_()
+        out = b(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out)).sum().backward()
+        results.append([out, x.grad] + [p.grad for p in b.parameters()])
+    assert all(torch.equal(a, e) for a, e in zip(*results))
+    assert results[0][2].abs().sum() > 0, "the qkv projection must receive a gradient"
+
+
+def test_fused_scores_equal_gathered_scores_and_do_not_depend_on_the_list():
+    """listed_scores' sampled matmul equals gather + matmul to rounding, and a key's score has the same
+    bits wherever it stands in whatever list (what makes a carried score the recomputed one), also for
+    lists longer than the map (split into CSR patterns of at most N x N)."""
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        q, key = _search_inputs(5, 6, dtype, seed=4, d=32)
+        ids = torch.randint(0, 30, (2, 2, 30, 64), generator=torch.Generator().manual_seed(5))
+        fused = scram.listed_scores(q, key, ids)
+        assert fused.dtype == dtype and fused.shape == ids.shape
+        gathered = torch.einsum(
+            "bhnd,bhnud->bhnu",
+            q,
+            key[:, :, None]
+            .expand(-1, -1, 30, -1, -1)
+            .gather(3, ids.unsqueeze(-1).expand(-1, -1, -1, -1, 32)),
+        )
+        torch.testing.assert_close(fused, gathered, atol=tol, rtol=0)
+        perm = torch.randperm(64, generator=torch.Generator().manual_seed(6))
+        assert torch.equal(scram.listed_scores(q, key, ids[..., perm].contiguous()), fused[..., perm])
+        assert torch.equal(scram.listed_scores(q, key, ids[..., 5:21].contiguous()), fused[..., 5:21])
+
+
+def test_integer_radii_are_the_halved_radii():
+    """The random-search radius floor(r0 / 2^level) by integer division equals the float formula it
+    replaced, floor(r0 * 0.5^level) (exact in float32 for these sizes), for every level the search uses."""
+    for radius0 in range(1, 3000):
+        levels = scram.search_levels(radius0).item()
+        level = torch.arange(levels)
+        halved = (radius0 * torch.pow(0.5, level.float())).floor().clamp_min(1).long()
+        assert torch.equal((radius0 // (1 << level)).clamp_min(1), halved), radius0
+
+
+@pytest.mark.parametrize("better_first", [True, False])
+def test_float64_search_resolves_a_tie_of_float32(better_first):
+    """Two keys whose scores differ by 1e-12 (equal in float32): a float64 search keeps the better one.
+    The search before issue 16 compared float32 copies of the scores and kept the wrong key here."""
+    base = [1.0, 1.0, 2.0, 3.0, 0.5, 0.5]
+    base[0 if better_first else 1] += 1e-12
+    key = torch.tensor([[b, 0.0] for b in base], dtype=torch.float64).view(1, 1, 6, 2)
+    q = torch.tensor([1.0, 0.0], dtype=torch.float64).expand(1, 1, 6, 2)
+    best = torch.tensor(base, dtype=torch.float64).topk(3).indices.sort().values
+    for seed in range(3):
+        block = visattn.create_attn("scram", 2, heads=1, k=3, iterations=4, seed=seed).eval()
+        found = block.patchmatch(q, key, 1, 6).sort(-1).values
+        assert torch.equal(found, best.expand_as(found)), seed
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "gather"])
+def test_float64_forward_backward_has_no_float32_step_and_matches_finite_differences(monkeypatch, fused):
+    """float64 end to end on both scoring paths: no op of a forward+backward returns a float32 tensor,
+    the output is softmax attention over the found keys computed in float64 (to 1e-10), and input and
+    parameter gradients equal central finite differences (gradcheck, 4 x 3 map)."""
+    monkeypatch.setattr(scram, "_fused_scores", lambda q: fused)
+    block = build("scram", 8, k=5, heads=2, seed=1).double().eval()
+    x = feature_map(1, 8, 4, 3, seed=2).double().requires_grad_()
+    spy = Float32Spy()
+    with spy:
+        out = block(x)
+        out.sum().backward()
+    assert out.dtype == torch.float64 and not spy.found, spy.found
+    with torch.no_grad():
+        q, k, _ = _qkv(block, x)
+        index = block.patchmatch(q, k, 4, 3)
+    torch.testing.assert_close(out, _naive(block, x.detach(), index), atol=1e-10, rtol=0)
+    params = [p.detach().clone().requires_grad_() for p in block.parameters()]
+    names = [n for n, _ in block.named_parameters()]
+
+    def fn(x, *ps):
+        return torch.func.functional_call(block, dict(zip(names, ps)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x.detach().requires_grad_(), *params), fast_mode=True)

@@ -29,13 +29,14 @@ def hash_ints(seed: torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
     """
     h = seed.to(torch.int64) & _MASK31
     for i, c in enumerate(counters):
-        h = (h + c.to(torch.int64) * (0x2F0B3A49 + 0x1B873593 * i)) & _MASK31
-        # 31-bit xorshift-multiply rounds: products stay below 2^62, so int64 never overflows.
-        h = h ^ (h >> 15)
-        h = (h * (0x5BD1E995 & _MASK31)) & _MASK31
-    h = h ^ (h >> 13)
-    h = (h * 0x27D4EB2F) & _MASK31
-    return h ^ (h >> 16)
+        h = h + c.to(torch.int64) * (0x2F0B3A49 + 0x1B873593 * i)
+        # 31-bit xorshift-multiply rounds: products stay below 2^62, so int64 never overflows. In place
+        # on this function's own tensor: the last rounds run over every (head, pixel, slot).
+        h.bitwise_and_(_MASK31).bitwise_xor_(h >> 15)
+        h.mul_(0x5BD1E995 & _MASK31).bitwise_and_(_MASK31)
+    h.bitwise_xor_(h >> 13)
+    h.mul_(0x27D4EB2F).bitwise_and_(_MASK31)
+    return h.bitwise_xor_(h >> 16)
 
 
 def _mod(a: torch.Tensor, n: int) -> torch.Tensor:
