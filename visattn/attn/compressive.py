@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import factory_kwargs, multihead_sdpa, resolve_heads, to_map, to_tokens
+from ..layers import accuracy_dtype, factory_kwargs, multihead_sdpa, resolve_heads, to_map, to_tokens
 from ..layers.streaming import BandRecurrentBlock, BandState
 from ..registry import register_attn
 
@@ -275,7 +275,7 @@ class CompressiveAttention(BandRecurrentBlock):
             qd, per_band(k_old, width), per_band(v_old, width), self.heads, attn_mask=valid(width)
         )
         approx = multihead_sdpa(qd, per_band(k_c, wc), per_band(v_c, wc), self.heads, attn_mask=valid(wc))
-        acc = torch.promote_types(target.dtype, torch.float32)
+        acc = accuracy_dtype(target.dtype)
         sq = (approx.to(acc) - target.to(acc)).square().unflatten(0, (bsz, nb - first))
         # Each band's loss is a mean over its own real tokens (the last band may be short): weight 1/count.
         rows_in_band = (height - torch.arange(first, nb, device=dev) * b).clamp(max=b)
@@ -330,7 +330,7 @@ class CompressiveAttention(BandRecurrentBlock):
         q = q.detach()
         target = multihead_sdpa(q, k_old, v_old, self.heads)
         # At least float32 (bf16 squared errors lose too much), float64 kept.
-        acc = torch.promote_types(target.dtype, torch.float32)
+        acc = accuracy_dtype(target.dtype)
         return F.mse_loss(multihead_sdpa(q, k_c, v_c, self.heads).to(acc), target.to(acc))
 
     def _finish(self, state: BandState) -> None:

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import factory_kwargs
+from ..layers import accuracy_dtype, factory_kwargs
 from ..layers.delta_rule import delta_rule
 from ..layers.linear_attention import KernelAttnBlock
 from ..registry import register_attn
@@ -120,7 +120,7 @@ class DPFP(KernelAttnBlock):
         qkv = rearrange(self.qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k, v = qkv.unbind(0)
         beta = rearrange(torch.sigmoid(self.beta(tokens)), "b n h -> b h n")
-        dt = torch.promote_types(q.dtype, torch.float32)
+        dt = accuracy_dtype(q.dtype)
         with torch.autocast(q.device.type, enabled=False):
             qf, kf, _ = self.features(q.to(dt), k.to(dt), tokens)
             qf, kf = sum_normalize(qf, self.eps), sum_normalize(kf, self.eps)

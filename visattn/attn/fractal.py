@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ..layers import AttnBlock, check_odd_kernel, factory_kwargs
+from ..layers import AttnBlock, accuracy_dtype, check_odd_kernel, factory_kwargs
 from ..registry import register_attn
 
 __all__ = ["FracTAL", "fractal_tanimoto", "fractal_tanimoto_with_complement"]
@@ -123,7 +123,7 @@ class FracTAL(AttnBlock):
 
         Computed in at least float32 so that bf16 rounding of the inner products cannot break the bounds.
         """
-        dt = torch.promote_types(q.dtype, torch.float32)
+        dt = accuracy_dtype(q.dtype)
         q, k = q.to(dt), k.to(dt)
         spatial = fractal_tanimoto_with_complement(q, k, (1,), self.depth, self.smooth)
         channel = fractal_tanimoto_with_complement(q, k, (2, 3), self.depth, self.smooth)

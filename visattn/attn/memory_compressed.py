@@ -17,6 +17,7 @@ from einops import rearrange
 from ..layers import (
     AttnBlock,
     ConvPosEnc,
+    accuracy_dtype,
     ceil_div,
     factory_kwargs,
     multihead_sdpa,
@@ -130,10 +131,9 @@ class MemoryCompressedAttention(AttnBlock):
             cell_last_positions(h, w, self.compression, device=q.device)[None, :]
             <= torch.arange(h * w, device=q.device)[:, None]
         )
-        bias = torch.zeros(visible.shape, device=q.device, dtype=torch.float32).masked_fill_(
-            ~visible, float("-inf")
-        )
-        acc = torch.promote_types(q.dtype, torch.float32)
+        acc = accuracy_dtype(q.dtype)
+        # In the logits' dtype: a float32 mask would be the one float32 tensor of a float64 run.
+        bias = torch.zeros(visible.shape, device=q.device, dtype=acc).masked_fill_(~visible, float("-inf"))
         cells = (q @ k.transpose(-1, -2)).to(acc) * scale + bias  # (B, h, N, M)
         own = (q * k_self).sum(-1, keepdim=True).to(acc) * scale  # (B, h, N, 1)
         attn = torch.cat([cells, own], dim=-1).softmax(dim=-1).to(v.dtype)

@@ -14,7 +14,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from ..layers import AttnBlock, ConvPosEnc, factory_kwargs, resolve_heads, to_map, to_tokens
+from ..layers import (
+    AttnBlock,
+    ConvPosEnc,
+    accuracy_dtype,
+    factory_kwargs,
+    resolve_heads,
+    to_map,
+    to_tokens,
+    upcast_for_accuracy,
+)
 from ..registry import register_attn
 
 
@@ -23,10 +32,11 @@ def newton_schulz_pinv(a: torch.Tensor, iterations: int = 6) -> torch.Tensor:
 
     Z₀ = Aᵀ / (‖A‖₁ ‖A‖_∞) with the norms of each matrix on its own — the reference implementation takes the
     maximum over the whole batch and all heads, which makes one sample's output depend on the others — then
-    Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ))). Runs in float32 even under autocast.
+    Z ← ¼ Z (13I − AZ (15I − AZ (7I − AZ))). Runs in at least float32 (float64 stays float64), even under
+    autocast.
     """
     with torch.autocast(device_type=a.device.type, enabled=False):
-        a = a.to(torch.promote_types(a.dtype, torch.float32))
+        a = upcast_for_accuracy(a)
         eye = torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
         norm_1 = a.abs().sum(-2).amax(-1)  # max column sum
         norm_inf = a.abs().sum(-1).amax(-1)  # max row sum
@@ -172,7 +182,7 @@ class Nystrom(AttnBlock):
 
         scale = q.shape[-1] ** -0.5
         kernel_3_v = F.scaled_dot_product_attention(q_land, k, v)  # softmax(Q̃ Kᵀ/√d) V: (B, h, m, d)
-        acc = torch.promote_types(q.dtype, torch.float32)
+        acc = accuracy_dtype(q.dtype)
         kernel_2 = (q_land @ k_land.transpose(-1, -2) * scale).to(acc).softmax(dim=-1)  # (B, h, m, m)
         middle = (newton_schulz_pinv(kernel_2, self.pinv_iterations) @ kernel_3_v.to(acc)).to(v.dtype)
         out = F.scaled_dot_product_attention(q, k_land, middle)  # softmax(Q K̃ᵀ/√d) · middle

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ..layers import factory_kwargs
+from ..layers import accuracy_dtype, factory_kwargs
 from ..layers.linear_attention import KernelAttnBlock, RandomFeatures, linear_attention
 from ..registry import register_attn
 
@@ -177,7 +177,7 @@ class RFA(KernelAttnBlock):
             return super().attend(tokens)
         qkv = rearrange(self.qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         q, k, v = qkv.unbind(0)
-        dt = torch.promote_types(q.dtype, torch.float32)
+        dt = accuracy_dtype(q.dtype)
         with torch.autocast(q.device.type, enabled=False):
             qf, kf, log_decay = self.features(q.to(dt), k.to(dt), tokens)
             v = v.to(dt)

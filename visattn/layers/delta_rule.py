@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .linear_attention import check_chunk_size, default_chunk_size
+from .precision import accuracy_dtype
 
 __all__ = ["delta_rule", "unit_lower_inverse"]
 
@@ -97,7 +98,7 @@ def delta_rule(
             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, {tuple(beta.shape)}"
         )
     out_dtype = v.dtype
-    dt = torch.promote_types(v.dtype, torch.float32)
+    dt = accuracy_dtype(v.dtype)
     n, dv = v.shape[-2], v.shape[-1]
     if chunk_size is None:
         chunk_size = default_chunk_size(q.device, dt, k.shape[-1], dv, "delta")

@@ -47,6 +47,7 @@ from einops import rearrange
 from .attention import resolve_heads
 from .block import AttnBlock, factory_kwargs
 from .pos_embed import sincos_2d
+from .precision import accuracy_dtype
 from .tokens import to_map, to_tokens
 
 __all__ = [
@@ -549,7 +550,7 @@ def linear_attention(
         raise ValueError("linear_attention: log_decay needs causal=True (a decay needs an order)")
     check_chunk_size(chunk_size, "linear_attention")
     out_dtype = v.dtype
-    dt = torch.promote_types(v.dtype, torch.float32)
+    dt = accuracy_dtype(v.dtype)
     with torch.autocast(q.device.type, enabled=False):
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
         if not causal:
@@ -633,7 +634,7 @@ class KernelAttnBlock(AttnBlock):
         qkv = rearrange(self.qkv(tokens), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         # Contiguous per-head tensors make every later chunk/feature view share their storage.
         q, k, v = (t.contiguous() for t in qkv.unbind(0))
-        dt = torch.promote_types(q.dtype, torch.float32)
+        dt = accuracy_dtype(q.dtype)
         with torch.autocast(q.device.type, enabled=False):
             qf, kf, log_decay = self.features(q.to(dt), k.to(dt), tokens)
             out = linear_attention(

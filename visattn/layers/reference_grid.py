@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .precision import upcast_for_accuracy
+
 __all__ = [
     "attend_with_weights",
     "causal_bias",
@@ -95,7 +97,7 @@ def attend_with_weights(logits: torch.Tensor, v: torch.Tensor, *, causal: bool =
     """
     if causal:
         logits = logits + causal_bias(logits.shape[-1], device=logits.device, dtype=logits.dtype)
-    attn = logits.to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(v.dtype)
+    attn = upcast_for_accuracy(logits).softmax(dim=-1).to(v.dtype)
     if attn.dim() == 3:
         # Batch-shared weights: fold the batch into the value columns so one (h, N, N) map is used as is,
         # rather than broadcast (and copied) B times by a batched matmul.

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..linear_attention import RandomFeatures, linear_attention
+from ..precision import accuracy_dtype
 from .base import BlockHolder, MixerCore
 
 __all__ = ["RfaCore", "DnlCore"]
@@ -65,7 +66,7 @@ class RfaCore(MixerCore):
         from ...attn.rfa import divide_by_bounded_denominator, rfa_features  # the block owns them
 
         self.random_features.step()
-        dt = torch.promote_types(q.dtype, torch.float32)
+        dt = accuracy_dtype(q.dtype)
         with torch.autocast(q.device.type, enabled=False):
             omega = self.omega().to(dt)
             qf = rfa_features(q[:, :, prefix:].to(dt), omega, self.kernel)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ..precision import accuracy_dtype
 from .base import MixerCore
 
 __all__ = ["NystromCore"]
@@ -46,7 +47,7 @@ class NystromCore(MixerCore):
 
         q_land, k_land = landmarks(q), landmarks(k)
         scale = q.shape[-1] ** -0.5
-        acc = torch.promote_types(q.dtype, torch.float32)
+        acc = accuracy_dtype(q.dtype)
         kernel_3_v = F.scaled_dot_product_attention(q_land, k, v).to(acc)
         kernel_2 = (q_land @ k_land.transpose(-1, -2) * scale).to(acc).softmax(dim=-1)
         if self.pinv_iterations is None:
