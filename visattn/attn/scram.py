@@ -116,8 +116,10 @@ class SCRAM(AttnBlock):
     odd rounds, the vectorised form of PatchMatch's alternating scan order), each key shifted by -δ; and
     (2) random search — one proposal per list entry, uniform in a square of radius max(H, W)·2^-l,
     the level l cycling over entries and rounds. After each round the k best distinct keys of the union
-    by q·k are kept. The search runs without gradient (the match field is discrete); gradients reach
-    q, k and v through the softmax over the chosen keys. With k >= N this is full attention.
+    by q·k are kept; a kept key's score is carried, not recomputed, so each round scores only its
+    3k new proposals (in the input's dtype: float64 stays float64). The search runs without gradient
+    (the match field is discrete); gradients reach q, k and v through the softmax over the chosen keys.
+    With k >= N this is full attention.
 
     Randomness comes from a counter hash of (seed, round, head, pixel, entry): eval output is
     deterministic and the same for every sample of a batch; in training the seed is redrawn per call.
