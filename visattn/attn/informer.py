@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens, upcast_for_accuracy
+from ..layers.compat import is_exporting
 from ..layers.hashing import resolve_seed
 from ..registry import register_attn
 
@@ -80,7 +81,7 @@ def causal_active(
     # Prefix top-u over blocks by a doubling (Hillis-Steele) scan: merged ranges are disjoint. It takes
     # ceil(log2(nb)) rounds; an exported graph serves every H, W, so it runs enough rounds for any
     # n < 2^31 (rounds past nb merge only -inf). Pad-then-crop: no slice end below zero.
-    symbolic = torch.compiler.is_exporting() and not isinstance(nb, int)
+    symbolic = is_exporting() and not isinstance(nb, int)
     rounds = _MAX_SCAN_ROUNDS if symbolic else (nb - 1).bit_length()
     for r in range(rounds):
         shift = min(1 << r, nb) if symbolic else 1 << r
@@ -173,7 +174,7 @@ class Informer(AttnBlock):
 
     def budget(self, n: int) -> int:
         """u (= U): min(c·ceil(ln n), n), as the authors' code."""
-        if isinstance(n, int) or not torch.compiler.is_exporting():
+        if isinstance(n, int) or not is_exporting():
             return min(self.factor * math.ceil(math.log(n)) if n > 1 else 1, n)
         # Exported with dynamic H, W, ``math.log`` would fix u at the example's value: the same
         # integer from tensor ops instead, read back as an unbacked size.

@@ -15,6 +15,7 @@ from einops import rearrange
 from timm.layers import ConvNormAct, make_divisible
 
 from ..layers import AttnBlock, ceil_div, factory_kwargs, multihead_sdpa, unpad
+from ..layers.compat import is_exporting
 from ..registry import register_attn
 
 __all__ = ["ISA", "ISASelfAttention"]
@@ -67,7 +68,7 @@ def _group_count(size: int, group: int) -> int:
     """ceil(size / group). While exporting, an unbacked int (read from a tensor): torch.export would
     otherwise specialise the derived count to the example's (it is > 1 there, and contiguity and
     broadcast checks guard on "!= 1"), and the graph would not serve maps of one group."""
-    if not torch.compiler.is_exporting():
+    if not is_exporting():
         return ceil_div(size, group)
     count = ((torch.full((), size) + group - 1) // group).item()
     torch._check(count >= 1)
@@ -151,7 +152,7 @@ class ISA(AttnBlock):
         (ph, pw), (h, w) = self.down_factor, x.shape[-2:]
         pad_h, pad_w = _group_count(h, ph) * ph - h, _group_count(w, pw) * pw - w
         pads = (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2)  # centred, as mmseg
-        exporting = torch.compiler.is_exporting()
+        exporting = is_exporting()
         if exporting or pad_h or pad_w:  # an exported graph serves every H, W: it always pads
             x = F.pad(x, pads)
         out = self.short_range(self.long_range(x))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..layers import AttnBlock, accuracy_dtype, factory_kwargs, resolve_heads, to_map, to_tokens
+from ..layers.compat import is_exporting
 from ..layers.hashing import (
     angular_buckets,
     attend_lse,
@@ -168,7 +169,7 @@ class Reformer(AttnBlock):
             kpos = _look_back(qpos, 3, back)  # raster position of each key of each chunk's window
             # log N_ij in at least float32 (half types round log 2 and log 3), and in float64 for float64.
             acc = accuracy_dtype(qk.dtype)
-            if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+            if torch.compiler.is_compiling() and not is_exporting():
                 penalty = _penalty_op(buckets, inv, qpos, kpos, m, nb, back, n, acc, *self._penalty_flags())
             else:
                 penalty = self._penalty(buckets, inv, qpos, kpos, m, nb, back, n, acc)
@@ -216,7 +217,7 @@ class Reformer(AttnBlock):
         # no code comparison: every key of the two chunks is allowed.
         masked = self.causal or not self.attend_across_buckets or buckets.shape[-1] > n
         # Exporters need a functional graph (no in-place writes through views).
-        exporting = torch.compiler.is_exporting()
+        exporting = is_exporting()
         if dedup or masked:
             codes, nexts = self._codes(buckets, inv, m, nb)
         if dedup:
@@ -248,7 +249,7 @@ class Reformer(AttnBlock):
                 penalty = penalty.view(shape).masked_fill(excluded, float("inf")).view(-1, m, w)
             else:
                 penalty.view(shape).masked_fill_(excluded, float("inf"))
-        if torch.compiler.is_exporting():  # the ONNX decomposition needs a functional graph
+        if is_exporting():  # the ONNX decomposition needs a functional graph
             return penalty + SELF_PENALTY * torch.eye(m, w, device=qpos.device, dtype=dtype)
         # In place on the (m, w) diagonal of every chunk: m entries, not a pass over all logits.
         penalty.diagonal(dim1=-2, dim2=-1).add_(SELF_PENALTY)
@@ -294,7 +295,7 @@ class Reformer(AttnBlock):
         # dtype: key j misses query i in round r iff both code_q ^ code_j and code_q ^ next_j are non-zero.
         miss, other = torch.empty_like(counts), torch.empty_like(counts)
         # Reused buffers in eager; compilers and exporters take no strided ``out=``, and allocate.
-        eager = not (torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        eager = not (torch.compiler.is_compiling() or is_exporting())
         for r in range(self.n_hashes):
             code_r, next_r = codes[:, :, r], nexts[:, :, r]
             for lo, hi in ((0, r), (r + 1, rounds)):
@@ -328,7 +329,7 @@ def _look_back(x: torch.Tensor, chunk_dim: int, back: int) -> torch.Tensor:
     ``chunk_dim + 1``; wrapped chunks are excluded by the masks (later in the sort, other buckets)."""
     if back == 0:
         return x
-    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+    if torch.compiler.is_compiling() and not is_exporting():
         # Inductor turns the index_select below into scalar indirect loads and its backward into a scalar
         # scatter-add; rolls and a concatenation are plain strided copies (and adds) that it vectorises.
         return torch.cat([x.roll(k, chunk_dim) for k in range(back + 1)], dim=chunk_dim + 1)

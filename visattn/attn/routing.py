@@ -15,6 +15,7 @@ from einops import rearrange
 
 from ..layers import AttnBlock, ceil_div, default_heads, factory_kwargs, pad_to_grid, to_map, to_tokens
 from ..layers.clustering import centroid_scores, commitment_loss, ema_update_, scatter_mean, topw_members
+from ..layers.compat import is_exporting
 from ..layers.hashing import gather_tokens, resolve_seed, seeded_normal
 from ..registry import register_attn
 
@@ -261,7 +262,7 @@ class Routing(AttnBlock):
         b, h, n, d = q.shape
         qkv = rearrange(torch.cat([q, k, v], dim=1), "b h (y x) d -> b (h d) y x", y=height)
         hp, wp = ceil_div(height, p) * p, ceil_div(width, p) * p
-        exporting = torch.compiler.is_exporting()
+        exporting = is_exporting()
         qkv = pad_to_grid(qkv, hp, wp)
         # Windows join the batch-like dims: 4D inputs keep SDPA on its fused kernels.
         wins = rearrange(qkv, "b (t h d) (Y y) (X x) -> t b (h Y X) (y x) d", t=3, h=h, y=p, x=p)

@@ -14,6 +14,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from ..layers import AttnBlock, factory_kwargs, resolve_heads, to_map, to_tokens
+from ..layers.compat import is_exporting
 from ..layers.gather_attention import gather_attend
 from ..layers.hashing import gather_tokens, resolve_seed
 from ..layers.precision import upcast_for_accuracy
@@ -57,7 +58,7 @@ def _fused_scores(q: torch.Tensor) -> bool:
     return (
         q.device.type == "cpu"
         and q.dtype in (torch.float32, torch.float64)
-        and not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+        and not (torch.compiler.is_compiling() or is_exporting() or torch.jit.is_tracing())
     )
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ..layers import AttnBlock, ceil_div, factory_kwargs, resolve_heads, to_map, to_tokens
+from ..layers.compat import is_exporting
 from ..layers.hashing import (
     attend_lse,
     e2lsh_project,
@@ -101,7 +102,7 @@ class Smyrf(AttnBlock):
         n_pad = ceil_div(n, c) * c
         q, k, v = rearrange(self.qkv(self.norm(to_tokens(x))), "b n (t h d) -> t b h n d", t=3, h=self.heads)
         # An exported graph serves every H, W, so it pads and masks even when nothing is padded here.
-        padded = n_pad > n or torch.compiler.is_exporting()
+        padded = n_pad > n or is_exporting()
         if padded:
             q, k, v = (F.pad(t, (0, 0, 0, n_pad - n)) for t in (q, k, v))
         valid = torch.arange(n_pad, device=x.device) < n

@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from .compat import is_exporting
 from .precision import upcast_for_accuracy
 
 __all__ = [
@@ -162,7 +163,7 @@ def stable_argsort(keys: torch.Tensor) -> torch.Tensor:
     first replaced by their dense rank (a plain sort, then the index of each run of equal values).
     Eager keeps the one stable sort, which is faster.
     """
-    if not torch.compiler.is_exporting():
+    if not is_exporting():
         return keys.argsort(dim=-1, stable=True)
     n = keys.shape[-1]
     if keys.is_floating_point():

@@ -88,6 +88,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .block import factory_kwargs
+from .compat import is_exporting
 from .padding import ceil_div, pad_to_grid
 
 __all__ = [
@@ -216,7 +217,7 @@ def symbolic_sizes(*sizes) -> bool:
     (or one size), so the builders then pick size-independent plans (a fixed tile, a fixed pyramid depth)
     that give the same key sets; eager, ``torch.compile`` and static export keep the size-tuned plans.
     """
-    return torch.compiler.is_exporting() and any(isinstance(s, torch.SymInt) for s in sizes)
+    return is_exporting() and any(isinstance(s, torch.SymInt) for s in sizes)
 
 
 def flat_meshgrid(*sizes, device=None) -> list[torch.Tensor]:
@@ -598,9 +599,7 @@ def sparse_attention(
         or v.requires_grad
         or (bias is not None and any(b is not None and b.requires_grad for b in bias))
     )
-    which = choose_backend(
-        q.device, needs_grad, torch.compiler.is_compiling(), exporting=torch.compiler.is_exporting()
-    )
+    which = choose_backend(q.device, needs_grad, torch.compiler.is_compiling(), exporting=is_exporting())
     if which == "flex":
         from .flex_backend import flex_sparse_attention
 
@@ -631,7 +630,7 @@ def _attend_one(qt, kt, vt, seg, mask, scale, bias, batch, heads):
     o = F.scaled_dot_product_attention(
         _gather(qt, seg.queries), _gather(kt, keys), _gather(vt, keys), attn_mask=attn_mask, scale=scale
     )
-    if torch.compiler.is_exporting():
+    if is_exporting():
         # The traced reshape below must not depend on SDPA's output strides (the fused CPU kernel returns
         # a (T, Q, BH, d) layout, its decomposition for ONNX a contiguous one): make them canonical.
         o = o.clone(memory_format=torch.contiguous_format)
