@@ -28,6 +28,7 @@ from visattn.layers.sparse_pattern import (
     pad_to_grid,
     row_segment,
     segment_coords,
+    segment_masks,
     shared_segment,
     sparse_attention,
     window_segment,
@@ -358,3 +359,35 @@ def test_blocks_export_with_dynamic_height_and_width(name):
         x = feature_map(2, 16, *hw, seed=hw[0])
         with torch.no_grad():
             torch.testing.assert_close(program.module()(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name,pattern", list(_patterns()), ids=[n for n, _ in _patterns()])
+def test_segment_mask_op_equals_eager_masks(name, pattern):
+    from visattn.layers.sparse_pattern import _key_table, _segment_mask_fake, _segment_mask_op
+
+    valid, pos = _key_table(pattern, None)
+    for seg, ref in zip(pattern.segments, segment_masks(pattern), strict=True):
+        args = (seg.queries, seg.keys, seg.member, valid, pos, pattern.causal)
+        got = _segment_mask_op(*args)
+        assert got.dtype == torch.bool and got.is_contiguous() and torch.equal(got, ref)
+        fake = _segment_mask_fake(*args)  # what the compiler plans for: the real shape and dtype
+        assert fake.shape == got.shape and fake.dtype == got.dtype
+
+
+def test_masks_are_one_opaque_op_per_segment_under_compile_not_under_export():
+    """Under torch.compile the (T, Q, K) mask is one custom op per segment, so inductor cannot inline the
+    key-validity gather into every loop over the mask; an exported graph keeps plain aten ops (ONNX)."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    block = build("gmat", 16).train()
+    x = feature_map(1, 16, 9, 11)
+    torch.compile(block, fullgraph=True, backend=backend)(x)
+    torch._dynamo.reset()
+    assert ["segment_mask" in str(n.target) for n in graphs[0].graph.nodes].count(True) == 1
+    exported = torch.export.export(block.eval(), (x,))
+    assert not any("segment_mask" in str(n.target) for n in exported.graph.nodes)

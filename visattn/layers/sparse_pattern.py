@@ -415,16 +415,42 @@ def segment_masks(pattern: Pattern) -> list[torch.Tensor]:
     """Per segment, the final (T, Q, K) bool mask: member & non-empty slot & valid key & (causal) past."""
     device = pattern.segments[0].keys.device
     valid, pos = _key_table(pattern, device)
-    out = []
-    for seg in pattern.segments:
-        k = seg.keys.clamp_min(0)
-        m = ((seg.keys >= 0) & valid[k])[:, None, :]
-        if seg.member is not None:
-            m = m & seg.member
-        if pattern.causal:
-            m = m & (pos[k][:, None, :] <= seg.queries[:, :, None])
-        out.append(m.expand(seg.queries.shape[0], seg.queries.shape[1], seg.keys.shape[1]))
-    return out
+    # Under torch.compile each mask is one opaque op (not under export: the graph must stay portable).
+    # Inductor would inline the (T, K) key-validity gather ``valid[keys]`` into every (T, Q, K) loop that
+    # reads the mask (the softmax's empty-row test and the additive float mask, each a scalar indirect load
+    # with a bounds check per element): gmat's 64x64 forward+backward spent ~20% of its time there.
+    opaque = torch.compiler.is_compiling() and not is_exporting()
+    mask = _segment_mask_op if opaque else _segment_mask
+    return [mask(seg.queries, seg.keys, seg.member, valid, pos, pattern.causal) for seg in pattern.segments]
+
+
+def _segment_mask(queries, keys, member, valid, pos, causal: bool) -> torch.Tensor:
+    """One segment's (T, Q, K) mask of :func:`segment_masks` (an expanded view where it broadcasts)."""
+    k = keys.clamp_min(0)
+    m = ((keys >= 0) & valid[k])[:, None, :]
+    if member is not None:
+        m = m & member
+    if causal:
+        m = m & (pos[k][:, None, :] <= queries[:, :, None])
+    return m.expand(queries.shape[0], queries.shape[1], keys.shape[1])
+
+
+@torch.library.custom_op("visattn::segment_mask", mutates_args=())
+def _segment_mask_op(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    member: torch.Tensor | None,
+    valid: torch.Tensor,
+    pos: torch.Tensor,
+    causal: bool,
+) -> torch.Tensor:
+    """:func:`_segment_mask` as a custom op (see :func:`segment_masks`); a fresh contiguous tensor."""
+    return _segment_mask(queries, keys, member, valid, pos, causal).contiguous()
+
+
+@_segment_mask_op.register_fake
+def _segment_mask_fake(queries, keys, member, valid, pos, causal):
+    return queries.new_empty((queries.shape[0], queries.shape[1], keys.shape[1]), dtype=torch.bool)
 
 
 def dense_mask(pattern: Pattern) -> torch.Tensor:
