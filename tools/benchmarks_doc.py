@@ -34,7 +34,8 @@ REASONS: dict[str, str] = {
     "etc": "declared O(N²) in its g² global term (g = N/P² global tokens attend each other), plus pattern gathers",
     "reformer": "fixed cost per token: hash, argsort and gather per hash round, then attention over 2 chunks per "
     "round; O(N log N) with a large constant (below 1.0x from 96x96 since the de-duplication rewrite)",
-    "scram": "PatchMatch's propagation and random-search steps are many small gather kernels (per-token overhead)",
+    "scram": "PatchMatch's propagation and random-search steps: sort, top-k and scoring of 48 new proposals per "
+    "query per iteration, a per-token constant (below 1.0x from 96x96 since scores are carried, not re-scored)",
     "pkm": "top-k over product keys and EmbeddingBag gathers: a large per-token constant at small N",
 }
 
