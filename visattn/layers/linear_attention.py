@@ -109,10 +109,11 @@ def key_stabilizer(log_scale: torch.Tensor, causal: bool) -> tuple[torch.Tensor,
     would depend on future keys, so the shift is the running max s_j over keys <= j, and the
     returned ``log_decay`` g_j = s_{j-1} - s_j (<= 0) rescales the carried state so that every
     key is, in effect, divided by the same exp(s_i) for query i: exact, causal and overflow-free.
-    Returns ``(shift (..., N) or (..., 1), log_decay or None)``. The shift keeps its gradient: the
-    normalised output is shift-free only without ``eps`` and the denominator clamp, and trigonometric
-    features (whose denominators come near 0) make that difference large, so a detached shift gave
-    performer_v1 a gradient 14 % off finite differences.
+    Returns ``(shift (..., N) or (..., 1), log_decay or None)``. The shift keeps whatever gradient
+    ``log_scale`` has: the normalised output is shift-free only without ``eps`` and the denominator
+    clamp, and trigonometric features (whose denominators come near 0) make that difference large, so a
+    detached shift gave performer_v1 a gradient 14 % off finite differences; positive features pass a
+    detached ``log_scale`` (see :func:`favor_plus_features`).
     """
     if not causal:
         return log_scale.amax(-1, keepdim=True), None
@@ -133,14 +134,20 @@ def favor_plus_features(
     :func:`linear_attention` (it is None when not causal).
 
     Returns ``(φ(q), φ(k), log_decay)`` with features of size m.
+
+    The shifts are taken without gradient, unlike the trigonometric features': with positive features a
+    shift rescales numerator and denominator alike and only the ``eps`` of the normalisation sees it, so
+    its gradient is within finite-difference tolerance of zero (the contract's float64 check passes), and
+    the max's backward (a full-size mask, sum and division over the logits) was 28 % of slim's training
+    step at 64x64 on the CPU.
     """
     scale = q.shape[-1] ** -0.25
     w = projection.to(q).transpose(-1, -2)
     q_logits = (q * scale) @ w
-    q_feat = torch.exp(q_logits - q_logits.amax(-1, keepdim=True))
+    q_feat = torch.exp(q_logits - q_logits.detach().amax(-1, keepdim=True))
     ks = k * scale
     k_logits = ks @ w - 0.5 * (ks * ks).sum(-1, keepdim=True)
-    shift, log_decay = key_stabilizer(k_logits.amax(-1), causal)
+    shift, log_decay = key_stabilizer(k_logits.detach().amax(-1), causal)
     k_feat = torch.exp(k_logits - shift.unsqueeze(-1))
     return q_feat, k_feat, log_decay
 
