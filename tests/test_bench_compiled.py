@@ -258,3 +258,15 @@ def test_merge_replaces_rows_of_the_remeasured_blocks_and_says_so(tmp_path):
     with pytest.raises(ValueError, match="different settings"):
         cb.merge_compiled(base, other)
     assert base.read_bytes() == before  # nothing written when the check fails
+
+
+def test_doc_notes_are_kept_with_the_measurement(tmp_path):
+    """A doc run's --note paragraphs are saved in the JSON, so the next doc run (a merge, say) repeats them
+    instead of dropping them from the page."""
+    data, page = tmp_path / "c.json", tmp_path / "page.md"
+    cb.write_compiled_json([_row("cbam", 0.5)], data, meta={"machine": "m", "rounds": 3})
+    page.write_text("# B\n")
+    cb._doc_main([str(data), "--page", str(page), "--note", "Notes. Kept."])
+    assert cb.read_compiled_json(data)[0]["notes"] == ["Notes. Kept."]
+    cb._doc_main([str(data), "--page", str(page)])
+    assert page.read_text().count("Notes. Kept.") == 1

@@ -122,7 +122,7 @@ def test_section_marks_slower_blocks_and_replaces_only_its_part():
         and "| `b` | **1.20** |" in body
         and "| `c` | skipped: x |" in body
     )
-    assert "2 blocks compared: 1 faster now, 1 above 1.05 (b)." in body
+    assert "2 blocks compared: 1 below 1.0, 1 above 1.05 (b)." in body
     page = "# T\n\nbefore\n"
     once = tool.replace_section(page, body)
     assert once.startswith(page.rstrip()) and tool.replace_section(once, "new") == page.rstrip() + "\n\n" + (

@@ -256,7 +256,9 @@ def section(meta: dict, rows: list[RegressionRow]) -> str:
         "Runs: "
         + "; ".join(
             f"{r['started']}, {r['minutes']} min, load {r['load_before']} -> {r['load_after']}"
-            f" ({len(r['blocks'])} block{'s' if len(r['blocks']) != 1 else ''})"
+            f" ({len(r['blocks'])} block{'s' if len(r['blocks']) != 1 else ''}"
+            + (f"; {r['note']}" if r.get("note") else "")
+            + ")"
             for r in runs
         )
         + ". Rerun: `python tools/cpu_regression.py measure` (all blocks, ~20 min) or "
@@ -277,9 +279,10 @@ def section(meta: dict, rows: list[RegressionRow]) -> str:
     slower = [r.name for r in ok if r.ratio > SLOWER_ABOVE]
     lines += [
         "",
-        f"{len(ok)} blocks compared: {sum(r.ratio < 1 for r in ok)} faster now, "
+        f"{len(ok)} blocks compared: {sum(r.ratio < 1 for r in ok)} below 1.0, "
         f"{len(slower)} above {SLOWER_ABOVE}" + (f" ({', '.join(slower)})." if slower else "."),
     ]
+    lines += [f"\n{note}" for note in meta.get("notes", [])]
     return "\n".join(lines)
 
 
@@ -293,9 +296,12 @@ def replace_section(text: str, body: str) -> str:
 def doc(args: argparse.Namespace) -> None:
     sys.path.insert(0, str(ROOT))
     from visattn.atomic import atomic_write_text
-    from visattn.bench.rows_io import read_rows_json
+    from visattn.bench.rows_io import read_rows_json, write_rows_json
 
     meta, rows = read_rows_json(args.json, RegressionRow, "cannot read {path} ({cause})")
+    if args.note:  # saved with the measurement, so the next doc run repeats it
+        meta["notes"] = args.note
+        write_rows_json(rows, args.json, meta)
     page = Path(args.page)
     atomic_write_text(page, replace_section(page.read_text(), section(meta, rows)))
 
@@ -319,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("doc", help="write the generated section of the page from --json")
     d.add_argument("--json", default=str(DEFAULT_JSON))
     d.add_argument("--page", default=str(PAGE))
+    d.add_argument("--note", action="append", default=[], help="a paragraph after the table (kept in --json)")
     args = parser.parse_args(argv)
     if args.cmd == "measure" and (args.rounds < 1 or args.reps < 1):
         parser.error("--rounds and --reps must be >= 1")

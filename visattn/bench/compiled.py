@@ -509,16 +509,23 @@ def _doc_main(argv: list[str]) -> None:
     parser.add_argument("json", type=Path)
     parser.add_argument("--page", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument(
-        "--note", action="append", default=[], help="a paragraph after the table (repeatable)"
+        "--note",
+        action="append",
+        default=[],
+        help="a paragraph after the table (repeatable); kept in the JSON, so a later doc run repeats it",
     )
     args = parser.parse_args(argv)
     meta, rows = read_compiled_json(args.json)
+    if args.note:  # the notes belong to the measurement: saved with it, not only on the page
+        meta = {**meta, "notes": args.note}
+        write_compiled_json(rows, args.json, meta)  # meta keeps the measured torch version
+    notes = meta.get("notes", [])
     done = {r.name for r in rows}
     missing = [n for n in meta.get("names", []) if n not in done]
     page = args.page.read_text()
     atomic_write_text(
         args.page,
-        replace_compiled_section(page, compiled_section(meta, rows, missing=missing, notes=args.note)),
+        replace_compiled_section(page, compiled_section(meta, rows, missing=missing, notes=notes)),
     )
     print(f"wrote {args.page}")
 
