@@ -113,7 +113,7 @@ class Performer(KernelAttnBlock):
         )
 
     def features(self, q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor):
-        w = self.random_features.weight
+        w = self.random_features.current()
         if self.kernel == "relu":
             s = q.shape[-1] ** -0.25
             return relu_kernel_features(q * s, w), relu_kernel_features(k * s, w), None

@@ -91,4 +91,4 @@ class PerformerV1(KernelAttnBlock):
         )
 
     def features(self, q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor):
-        return trig_random_features(q, k, self.random_features.weight, causal=self.causal)
+        return trig_random_features(q, k, self.random_features.current(), causal=self.causal)

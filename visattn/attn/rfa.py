@@ -160,7 +160,7 @@ class RFA(KernelAttnBlock):
 
     def omega(self) -> torch.Tensor:
         """The current projections ω = σ ⊙ ω̃, (heads, m, d)."""
-        w = rearrange(self.random_features.weight, "(h m) d -> h m d", h=self.heads)
+        w = rearrange(self.random_features.current(), "(h m) d -> h m d", h=self.heads)
         return self.sigma * w.to(self.sigma)
 
     def features(self, q: torch.Tensor, k: torch.Tensor, tokens: torch.Tensor):

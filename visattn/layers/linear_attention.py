@@ -298,6 +298,17 @@ class RandomFeatures(nn.Module):
             self.weight, self.calls, self.seed, self.redraw_interval, self.orthogonal, self.scaling
         )
 
+    def current(self) -> torch.Tensor:
+        """The projection a forward should use: the buffer, or a copy of it while training with redraws.
+
+        A redraw writes the buffer in place (so compiled graphs and checkpoints see one buffer). A graph
+        that saved the buffer itself for its backward would then fail with "modified by an inplace
+        operation" whenever a second forward redraws before the first one's backward (two views of a batch,
+        a consistency loss). The copy is (m, d), negligible next to the features it multiplies."""
+        if self.training and self.redraw_interval and torch.is_grad_enabled():
+            return self.weight.clone()
+        return self.weight
+
     def extra_repr(self) -> str:
         return f"num_features={self.num_features}, dim={self.dim}, redraw_interval={self.redraw_interval}"
 

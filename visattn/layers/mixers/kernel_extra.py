@@ -59,7 +59,7 @@ class RfaCore(MixerCore):
 
     def omega(self) -> torch.Tensor:
         """The current projections ω = σ ⊙ ω̃, (heads, m, d)."""
-        w = rearrange(self.random_features.weight, "(h m) d -> h m d", h=self.heads)
+        w = rearrange(self.random_features.current(), "(h m) d -> h m d", h=self.heads)
         return self.sigma * w.to(self.sigma)
 
     def patches(self, q, k, v, grid, prefix):
