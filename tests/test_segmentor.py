@@ -389,3 +389,25 @@ def test_ema_head_frozen_mid_conv_and_bases_move_in_training_only():
 def test_every_head_class_is_registered():
     assert set(HEADS) == {"fcn", "ccnet", "emanet", "gcnet", "isanet", "nonlocal", "dnl", "danet", "attn"}
     assert isinstance(create_segmentor(SMALL), Segmentor)
+
+
+@pytest.mark.parametrize("attn", ["routing", "compressive"])
+def test_attention_blocks_auxiliary_losses_join_the_training_loss(attn):
+    """routing's commitment loss and compressive's reconstruction loss are part of the loss the trainer
+    backpropagates (as ``attn_aux``), read once per forward; a block without one adds nothing."""
+    from visattn.models import pop_attention_aux_losses
+
+    model = create_segmentor({**SMALL, "head": "attn", "attn": attn}).train()
+    block = model.decode_head.attn
+    x, target = torch.randn(2, 3, 40, 36), torch.randint(0, 5, (2, 40, 36))
+    outputs = model(x)
+    aux = block.aux_loss
+    assert isinstance(aux, torch.Tensor) and aux.requires_grad and aux.item() > 0
+    total, parts = model.loss(outputs, target)
+    assert parts["attn_aux"] is aux and block.aux_loss is None
+    torch.testing.assert_close(total, parts["out"] + parts["aux"] + aux)
+    assert pop_attention_aux_losses(model) is None  # read once: no stale loss of a freed graph
+    _, again = model.loss(outputs, target)
+    assert set(again) == {"out", "aux"}
+    plain = create_segmentor({**SMALL, "head": "attn", "attn": "cbam"}).train()
+    assert set(plain.loss(plain(x), target)[1]) == {"out", "aux"}

@@ -112,7 +112,8 @@ class CompressiveAttention(BandRecurrentBlock):
 
     The compression network is also trained by the paper's attention-reconstruction loss: in training mode,
     every eviction adds ``mse(attn(q, compress(old)), attn(q, old))`` with stop-gradients everywhere except
-    into the conv; the sum over a forward is ``self.aux_loss`` (None in eval). Add it to the task loss.
+    into the conv; the sum over a forward is ``self.aux_loss`` (None in eval). A segmentor's ``loss`` adds it to the task
+    loss (:func:`visattn.models.pop_attention_aux_losses`); other callers add it themselves.
 
     Causal (``causal=True``): within a band, raster-order masking (band tokens are contiguous in raster
     order); memories only hold rows of past bands, so output p depends only on inputs <= p. Non-causal: full

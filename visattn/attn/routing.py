@@ -121,8 +121,8 @@ class Routing(AttnBlock):
     queries attend to the keys of their cluster through SDPA. A query taken by several clusters
     averages their outputs; one taken by none gets no routing output (only the residual and the local
     heads). In training the centroids move by an EMA of their members' mean (decay 0.999) and the
-    commitment loss ``beta * mean |x - mu(x)|²`` is left in ``self.aux_loss`` for the caller to add to
-    its loss (None in eval). Under DDP the EMA statistics are all-reduced (see
+    commitment loss ``beta * mean |x - mu(x)|²`` is left in ``self.aux_loss`` (None in eval); a segmentor's ``loss``
+    adds it (:func:`visattn.models.pop_attention_aux_losses`), other callers add it to their loss. Under DDP the EMA statistics are all-reduced (see
     ``layers.clustering.ema_update_``). Local heads attend within P x P windows.
 
     The cluster count k is fixed by the centroid buffer, so w = N / k grows with the map and routing

@@ -3,7 +3,7 @@
 from . import timm_registry  # noqa: F401  (registers visattn_<backbone>_<attn> names in timm)
 from .backbones import create_model, insert_attention
 from .convert import convert_mmseg, to_mmseg
-from .segmentor import Segmentor, create_segmentor
+from .segmentor import Segmentor, create_segmentor, pop_attention_aux_losses
 from .timm_registry import registered_model_names
 
 __all__ = [
@@ -12,6 +12,7 @@ __all__ = [
     "create_model",
     "create_segmentor",
     "insert_attention",
+    "pop_attention_aux_losses",
     "registered_model_names",
     "to_mmseg",
 ]

@@ -26,7 +26,14 @@ from ..registry import list_attns
 from .backbones import create_model
 from .heads import HEADS, AttnHead, DecodeHead, FCNHead
 
-__all__ = ["DEFAULT_CONFIG", "Segmentor", "build_segmentor", "create_segmentor", "resolve_config"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "Segmentor",
+    "build_segmentor",
+    "create_segmentor",
+    "pop_attention_aux_losses",
+    "resolve_config",
+]
 
 # mmseg's SegDataPreProcessor for every zoo model: RGB, 0-255 scale.
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
@@ -71,6 +78,21 @@ def _pair(value: Any, what: str) -> tuple[int, int] | None:
     if len(pair) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
         raise ValueError(f"{what} must be a positive int or a pair of positive ints, got {value!r}")
     return pair  # type: ignore[return-value]
+
+
+def pop_attention_aux_losses(module: nn.Module) -> torch.Tensor | None:
+    """The sum of the auxiliary losses that attention blocks left in ``aux_loss`` during the last training
+    forward (routing's commitment loss, which pulls queries and keys to their centroids; compressive's
+    reconstruction loss, the only signal its compression convolutions get), or None when there are none.
+    Each is cleared once read, so a later forward that skips a block cannot hand back a loss whose graph was
+    already freed."""
+    total = None
+    for m in module.modules():
+        aux = getattr(m, "aux_loss", None)
+        if isinstance(aux, torch.Tensor):
+            total = aux if total is None else total + aux
+            m.aux_loss = None
+    return total
 
 
 class Segmentor(nn.Module):
@@ -158,7 +180,8 @@ class Segmentor(nn.Module):
     def loss(
         self, outputs: Mapping[str, torch.Tensor], target: torch.Tensor, *, ignore_index: int = 255
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Weighted cross-entropy of every training output; returns (total, {name: loss}).
+        """Weighted cross-entropy of every training output, plus the attention blocks' own auxiliary losses
+        of the last forward as ``attn_aux`` (see :func:`pop_attention_aux_losses`); returns (total, {name: loss}).
 
         As mmseg's ``CrossEntropyLoss`` (``avg_non_ignore=False``): the per-pixel losses are averaged
         over all pixels, ignored ones counting as zero.
@@ -171,6 +194,9 @@ class Segmentor(nn.Module):
                 )
             ce = F.cross_entropy(outputs[name], target, ignore_index=ignore_index, reduction="none")
             parts[name] = weight * ce.mean()
+        attn_aux = pop_attention_aux_losses(self)
+        if attn_aux is not None:
+            parts["attn_aux"] = attn_aux
         return sum(parts.values()), parts
 
     # -- inference ---------------------------------------------------------------------------------

@@ -65,8 +65,8 @@ class RoutingCore(MixerCore):
     :meth:`reset_parameters` draws them as the block does (unit-normalised Gaussian directions, from
     ``seed``; ``seed=None`` draws from the global RNG, so each layer gets its own). In training mode every
     forward moves them by the EMA k-means step (decay ``ema_decay``, all-reduced under DDP) and leaves the
-    commitment loss ``commitment * mean |x - mu(x)|^2`` in ``self.aux_loss`` for the caller to add to its
-    loss (None in eval, where the core is deterministic). Dense limit: ``num_clusters=1`` (one cluster
+    commitment loss ``commitment * mean |x - mu(x)|^2`` in ``self.aux_loss``, which a segmentor's ``loss`` adds
+    (None in eval, where the core is deterministic). Dense limit: ``num_clusters=1`` (one cluster
     holds every patch) with ``local_window >= max(H, W)`` (one window)."""
 
     aux_loss: torch.Tensor | None
