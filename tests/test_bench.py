@@ -362,6 +362,8 @@ def test_gpu_sweep_smoke_on_cpu_and_docs_section(tmp_path, monkeypatch, capsys):
     assert "### Chunk size of the linear scans" in text and "| linear | float32 | 256 x 2 x 8 |" in text
     assert "| block | engine | FLOP exp. | time x dense at 8x8 | matmul fraction at 8 (dense) |" in text
     assert "Seconds per stage (estimate in brackets): chunks:float32" in text
+    assert "![versus dense, GPU bf16 eager](img/vs_dense_gpu.png)" in text
+    assert (tmp_path / "img" / "vs_dense_gpu.png").read_bytes().startswith(b"\x89PNG")
 
 
 def _goal_row(

@@ -8,11 +8,12 @@
 #
 # Run from the repository root on the GPU machine, with the machine's own python3 and torch (its image had torch
 # 2.11; see visattn/layers/compat.py): the checkout is put on PYTHONPATH, and the wheels of .whl/ (timm at the
-# tested version and the peers, made here by `python tools/fetch_device_wheels.py`, carried with
-# `carry: [".whl"]`) are installed into /tmp/site when present. Everything lands under $OUT, at most two folders down and in
-# at most eight files, which is what the device tool brings back: env.txt, gpu_tests.log, sweep.log,
-# sweep/sweep.json and benchmarks-gpu.md (the page regenerated from the sweep). Each phase has its own timeout so
-# that a hang in one still leaves the other's files, and the page is regenerated from whatever rows were saved.
+# tested version and the peers, made here by `python tools/fetch_device_wheels.py`, carried with `carry:
+# [".whl"]`) are installed into /tmp/site when present. Everything lands under $OUT, at most two folders down
+# and in at most eight files, which is what the device tool brings back: env.txt, gpu_tests.log, sweep.log,
+# sweep/sweep.json, benchmarks-gpu.md and vs_dense_gpu.png (the page and its plot regenerated from the sweep).
+# Each phase has its own timeout so that a hang in one still leaves the other's files, and the page is
+# regenerated from whatever rows were saved.
 set -uo pipefail
 OUT=${OUT:-gpu_out}
 PHASE=${1:-all}
@@ -50,5 +51,6 @@ fi
 if [[ $PHASE == sweep || $PHASE == all ]]; then
   # shellcheck disable=SC2086  # SWEEP_ARGS: extra words, e.g. --smoke for a CPU rehearsal
   timeout $((BUDGET + 120)) python3 tools/gpu_sweep.py "$OUT/sweep" --budget "$BUDGET" ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/sweep.log" | tail -40
-  python3 tools/gpu_sweep.py --docs "$OUT/sweep" && cp docs/benchmarks-gpu.md "$OUT/benchmarks-gpu.md"
+  python3 tools/gpu_sweep.py --docs "$OUT/sweep" && cp docs/benchmarks-gpu.md "$OUT/benchmarks-gpu.md" \
+    && { [ ! -f docs/img/vs_dense_gpu.png ] || cp docs/img/vs_dense_gpu.png "$OUT/"; }
 fi

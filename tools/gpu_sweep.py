@@ -715,6 +715,8 @@ def docs_section(out_dir: Path | None) -> str:
             lines.append(markdown_chunks(results["chunks"]))
         if meta.get("chunks_error"):
             lines.append(f"The chunk sweep failed: {meta['chunks_error']}")
+    if plot_rows(rows):
+        lines += ["", f"![versus dense, GPU bf16 eager](img/{PLOT})"]
     if any(r.mode == "eager" and r.dtype == "bfloat16" and r.height in sides for r in rows):
         lines += [
             "",
@@ -782,11 +784,32 @@ def docs_section(out_dir: Path | None) -> str:
     return "\n".join(lines)
 
 
+PLOT = "vs_dense_gpu.png"
+
+
+def plot_rows(rows: list) -> list:
+    """The rows the page's plot draws: bf16 eager, where the issue's goals are stated."""
+    return [r for r in rows if r.mode == "eager" and r.dtype == "bfloat16" and r.status == "ok"]
+
+
 def write_docs(out_dir: Path | None, page: Path) -> None:
-    """Replace only the generated "versus dense" section of ``page`` (atomically)."""
+    """Replace only the generated "versus dense" section of ``page`` (atomically), and draw its plot into
+    ``img/`` beside the page when the sweep has bf16 eager rows."""
     if not page.exists():
         raise ValueError(f"gpu_sweep: {page} does not exist; pass --page with the GPU benchmarks page")
-    atomic_write_text(page, vs_dense.replace_section(page.read_text(), docs_section(out_dir)))
+    body = docs_section(out_dir)  # checks the sweep file first
+    if out_dir is not None and (out_dir / "sweep.json").exists():
+        from visattn.bench.plots import plot_vs_dense
+
+        results = json.loads((out_dir / "sweep.json").read_text())
+        rows = plot_rows([vs_dense.DenseRatio(**r) for r in results["vs_dense"]])
+        if rows:
+            meta = results["meta"]
+            title = (
+                f"{meta['device']}, B={meta['batch']}, C={meta['channels']}, bf16: fwd+bwd time / dense SDPA"
+            )
+            plot_vs_dense(rows, page.parent / "img", title=title, filename=PLOT)
+    atomic_write_text(page, vs_dense.replace_section(page.read_text(), body))
 
 
 def main(argv: list[str] | None = None) -> int:

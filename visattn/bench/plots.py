@@ -66,9 +66,11 @@ def plot_scaling(rows: list[BenchRow], out_dir: str | Path, *, title: str = "") 
     return written
 
 
-def plot_vs_dense(rows, out_dir: str | Path, *, title: str = "", mode: str = "eager") -> Path:
+def plot_vs_dense(
+    rows, out_dir: str | Path, *, title: str = "", mode: str = "eager", filename: str = "vs_dense.png"
+) -> Path:
     """Time ratio over dense (log scale) against the square side, one line per block, 1.0 marked;
-    written to ``out_dir/vs_dense.png``. ``rows`` are :class:`visattn.bench.vs_dense.DenseRatio`."""
+    written to ``out_dir/filename``. ``rows`` are :class:`visattn.bench.vs_dense.DenseRatio`."""
     plt = _pyplot()
     from ..atomic import atomic_path
 
@@ -100,7 +102,7 @@ def plot_vs_dense(rows, out_dir: str | Path, *, title: str = "", mode: str = "ea
     # Outside the axes: with ~50 blocks an inner legend hides the lines near 1.0x, the ones that matter.
     ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    path = out_dir / "vs_dense.png"
+    path = out_dir / filename
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
