@@ -202,20 +202,18 @@ def test_compile_matches_eager(name):
         torch.testing.assert_close(compiled(x), block(x), atol=1e-5, rtol=1e-5)
 
 
-# Blocks whose training forward draws fresh random numbers at every call (hash rotations, sampled
-# queries, ...). No AttnInfo flag says so: found by running every block twice in training mode under
-# two seeds (test_random_in_training_list_is_exact keeps the list honest). Their gradients are checked
-# in eval mode, where the draws are fixed buffers; every other block in training mode (BatchNorm batch
-# statistics, EMA updates: the paths a training step runs).
-RANDOM_IN_TRAINING = frozenset({"informer", "reformer", "scram", "smyrf"})
-# Blocks whose backward is a deliberate surrogate, so finite differences cannot agree with it: only the
-# parameters under these prefixes get the true gradient, and only they are checked (the input is held).
+# Blocks whose training forward draws fresh random numbers at every call (AttnInfo.random_in_training;
+# test_random_in_training_list_is_exact keeps the flag honest by running every block twice in training mode
+# under two seeds). Their gradients are checked in eval mode, where the draws are fixed buffers; every other
+# block in training mode (BatchNorm batch statistics, EMA updates: the paths a training step runs).
+RANDOM_IN_TRAINING = frozenset(n for n in visattn.list_attns() if visattn.attn_info(n).random_in_training)
+# Blocks whose backward is a deliberate surrogate (AttnInfo.surrogate_gradient_exact), so finite differences
+# cannot agree with it: only the parameters under those prefixes get the true gradient, and only they are
+# checked (the input is held).
 SURROGATE_GRADIENT_EXACT = {
-    # EM bases are computed without gradient (the paper's and mmseg's stop-gradient): exact only after
-    # the EMA unit.
-    "emanet": ("ema_out_conv.",),
-    # Straight-through gate on the hard top-alpha edge choice: exact for q/k/v and the output projection.
-    "sac": ("qkv.", "proj."),
+    n: visattn.attn_info(n).surrogate_gradient_exact
+    for n in visattn.list_attns()
+    if visattn.attn_info(n).surrogate_gradient_exact
 }
 GRAD_C = 16
 

@@ -87,6 +87,11 @@ def test_register_checks_constructor_and_info():
         visattn.register_attn("tmp_no_note", **{**INFO, "export_dynamic_hw": False, "export_note": " "})
     with pytest.raises(TypeError, match="unknown AttnInfo field"):
         visattn.register_attn("tmp_bad_field", **INFO, speed="fast")
+    with pytest.raises(ValueError, match="random_in_training must be a bool"):
+        visattn.register_attn("tmp_bad_random", **INFO, random_in_training="yes")
+    for prefixes in ("qkv.", ("qkv.", ""), ["qkv."]):
+        with pytest.raises(ValueError, match="surrogate_gradient_exact must be a tuple"):
+            visattn.register_attn("tmp_bad_surrogate", **INFO, surrogate_gradient_exact=prefixes)
     assert not any(n.startswith("tmp_") for n in _REGISTRY)
 
 

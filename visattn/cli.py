@@ -34,10 +34,12 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_info(args: argparse.Namespace) -> int:
     info = registry.attn_info(args.name)  # an unknown name: ValueError with close names
-    for field in dataclasses.fields(info):
-        print(f"{field.name:>17}: {getattr(info, field.name)}")
+    fields = dataclasses.fields(info)
+    width = max(len(field.name) for field in fields)
+    for field in fields:
+        print(f"{field.name:>{width}}: {getattr(info, field.name)}")
     cls = registry.attn_class(args.name)
-    print(f"{'class':>17}: {cls.__module__}.{cls.__qualname__}")
+    print(f"{'class':>{width}}: {cls.__module__}.{cls.__qualname__}")
     print("\nconstructor arguments:")
     for p in list(inspect.signature(cls.__init__).parameters.values())[1:]:
         default = "" if p.default is inspect.Parameter.empty else f" = {p.default!r}"

@@ -63,6 +63,12 @@ class AttnInfo:
     compile_fullgraph: bool = True
     # False for token-wise blocks (a memory lookup per pixel): their output depends on no other pixel.
     token_mixing: bool = True
+    # True when every training forward draws fresh random numbers (hash rotations, sampled queries, random
+    # search): its training output follows the global seed; eval mode is deterministic.
+    random_in_training: bool = False
+    # A deliberate surrogate backward (a stop-gradient or straight-through estimator the paper prescribes):
+    # the parameter-name prefixes that still get the true gradient. Empty: every gradient is exact.
+    surrogate_gradient_exact: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         problems = []
@@ -84,9 +90,14 @@ class AttnInfo:
             "export_dynamic_hw",
             "compile_fullgraph",
             "token_mixing",
+            "random_in_training",
         ):
             if not isinstance(getattr(self, flag), bool):
                 problems.append(f"{flag} must be a bool")
+        if not isinstance(self.surrogate_gradient_exact, tuple) or not all(
+            isinstance(p, str) and p for p in self.surrogate_gradient_exact
+        ):
+            problems.append("surrogate_gradient_exact must be a tuple of parameter-name prefixes")
         if not isinstance(self.export_note, str):
             problems.append("export_note must be a str")
         elif not (self.exportable and self.export_dynamic_hw) and not self.export_note.strip():

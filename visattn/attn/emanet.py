@@ -111,6 +111,8 @@ class EMAModule(nn.Module):
     identity_init=True,
     idea="EM over K bases compresses the map; pixels are rebuilt from the bases by their responsibilities",
     reference="https://github.com/XiaLiPKU/EMANet",
+    # EM bases are computed without gradient (the paper's and mmseg's stop-gradient): exact after the EMA unit.
+    surrogate_gradient_exact=("ema_out_conv.",),
 )
 class EMANet(AttnBlock):
     """EMA unit: 1x1 conv, EM attention, ReLU, 1x1 conv + BN, plus the identity.

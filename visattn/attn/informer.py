@@ -111,6 +111,7 @@ def causal_active(
     identity_init=True,
     idea="ProbSparse: only the c·ln N most peaked queries attend; the lazy ones output mean(V)",
     reference="https://github.com/zhouhaoyi/Informer2020",
+    random_in_training=True,  # the sampled keys that score each query
 )
 class Informer(AttnBlock):
     """ProbSparse self-attention, ``x + proj(attn(x))`` with a zero-initialised projection.

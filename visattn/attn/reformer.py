@@ -53,6 +53,7 @@ MAX_BUCKETS = 4096
     export_note="the bucket count and chunk size follow H*W and are fixed at export",
     idea="shared-QK attention within angular-LSH buckets: sort by hash, attend within chunk + previous chunk",
     reference="https://github.com/google/trax/tree/master/trax/models/reformer",
+    random_in_training=True,  # fresh hash rotations every call
 )
 class Reformer(AttnBlock):
     """LSH self-attention, ``x + proj(attn(LayerNorm(x)))`` with a zero-initialised projection.

@@ -48,6 +48,8 @@ def distance_encoding(dy: torch.Tensor, dx: torch.Tensor, freqs: int) -> torch.T
     identity_init=True,
     idea="a learned edge predictor over 2D distance encodings + content keeps alpha·N edges; attention along them",
     reference="none",
+    # Straight-through gate on the hard top-alpha edge choice: exact for q/k/v and the output projection.
+    surrogate_gradient_exact=("qkv.", "proj."),
 )
 class SAC(AttnBlock):
     """Sparse adaptive connection, ``x + proj(attn(x))`` with a zero-initialised projection.

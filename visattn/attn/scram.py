@@ -107,6 +107,7 @@ def listed_scores(q: torch.Tensor, k: torch.Tensor, ids: torch.Tensor) -> torch.
     identity_init=True,
     idea="PatchMatch finds each pixel's k best keys on the 2D grid; softmax attention over those k only",
     reference="none",
+    random_in_training=True,  # PatchMatch's random initial candidates and random search
 )
 class SCRAM(AttnBlock):
     """PatchMatch-sparse self-attention, ``x + proj(attn(x))`` with a zero-initialised projection.

@@ -44,6 +44,7 @@ from ..registry import register_attn
     identity_init=True,
     idea="XBOX+ asymmetric transforms + E2LSH sort into balanced query/key clusters; dense attention per cluster",
     reference="https://github.com/giannisdaras/smyrf",
+    random_in_training=True,  # fresh asymmetric-LSH draws every call
 )
 class Smyrf(AttnBlock):
     """SMYRF attention, ``x + proj(attn(LayerNorm(x)))`` with a zero-initialised projection.
