@@ -333,3 +333,20 @@ def test_torchrun_processes_agree_to_stop_at_one_iteration(tmp_path):
     assert (work / "latest").read_text() == "iter_3\n" and not (work / "iter_4.safetensors").exists()
     state = torch.load(work / "iter_3.state.pt", weights_only=True)
     assert state["iteration"] == 3 and len(state["rng"]) == 2  # both processes saved their RNG
+
+
+def test_tensorboard_without_the_package_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """Old code: wrote config.yaml into the work dir, then failed on the import inside the training loop, so the
+    retry was refused as an existing run."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a)
+    )
+    work = tmp_path / "w"
+    with pytest.raises(
+        ValueError, match=r"train\.tensorboard is true but the tensorboard package is not installed"
+    ):
+        train(_cfg(work, "train.tensorboard=true"), progress=False)
+    assert not work.exists()

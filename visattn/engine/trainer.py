@@ -13,6 +13,7 @@ SIGINT / SIGTERM stop after the current iteration with a checkpoint saved (:clas
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -219,6 +220,11 @@ def _train(cfg: dict[str, Any], *, resume: str | bool | None, progress: bool, pl
     local_bs = per_step // world
     work_dir = Path(t_cfg["work_dir"])
     # Every check below only reads; the first write comes after the barrier that ends them.
+    if t_cfg["tensorboard"] and importlib.util.find_spec("tensorboard") is None:
+        raise ValueError(
+            "train.tensorboard is true but the tensorboard package is not installed: "
+            "`pip install tensorboard`, or set train.tensorboard: false (log.jsonl is written either way)"
+        )
     existing = [] if resume else run_files(work_dir)
     if existing and not replace:
         raise RunExistsError(run_exists_message(work_dir, existing))
