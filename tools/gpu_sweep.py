@@ -494,6 +494,24 @@ def _detail(failing: list[str], missing: list[str], measured: int, what: str) ->
     return "; ".join(parts)
 
 
+def _judge(goal: str, entries, what: str) -> dict:
+    """One goal's row from ``entries``: (label, row or None, value, passes(value), shown(value)); a missing,
+    skipped or failed row, or a NaN value, counts as not measured."""
+    failing, missing, measured = [], [], 0
+    for label, row, value, passes, shown in entries:
+        if row is None or row.status != "ok" or math.isnan(value):
+            missing.append(f"{label} ({_why(row)})")
+            continue
+        measured += 1
+        if not passes(value):
+            failing.append(f"{label} {shown(value)}")
+    return {
+        "goal": goal,
+        "verdict": _verdict(failing, missing, measured),
+        "detail": _detail(failing, missing, measured, what),
+    }
+
+
 def goal_checks(
     rows: list[vs_dense.DenseRatio],
     engines: dict[str, list[str]],
@@ -524,62 +542,35 @@ def goal_checks(
             return math.inf
 
     low = [n for n in names if exponent(n) <= RATIO_GOAL_MAX_EXPONENT]
+    nan = math.nan
     for side, limit in zip(sides, RATIO_GOALS):
-        failing, missing, measured = [], [], 0
-        for name in low:
-            r = eager.get((name, side))
-            if r is None or r.status != "ok":
-                missing.append(f"`{name}` ({_why(r)})")
-                continue
-            measured += 1
-            if not r.time_ratio <= limit:
-                failing.append(f"`{name}` {r.time_ratio:.2f}x")
-        checks.append(
-            {
-                "goal": f"FLOP exponent <= {RATIO_GOAL_MAX_EXPONENT:g}: <= {limit:.2f}x dense at {side}x{side}",
-                "verdict": _verdict(failing, missing, measured),
-                "detail": _detail(failing, missing, measured, f"above {limit:.2f}x"),
-            }
-        )
+        entries = [
+            (f"`{n}`", r, r.time_ratio if r else nan, lambda v, lim=limit: v <= lim, lambda v: f"{v:.2f}x")
+            for n in low
+            for r in [eager.get((n, side))]
+        ]
+        goal = f"FLOP exponent <= {RATIO_GOAL_MAX_EXPONENT:g}: <= {limit:.2f}x dense at {side}x{side}"
+        checks.append(_judge(goal, entries, f"above {limit:.2f}x"))
     for group, label in (("pattern", "pattern-engine"), ("scan", "linear-scan")):
         members = sorted(set(engines.get(group, [])) & set(names))
-        failing, missing, measured = [], [], 0
-        for name in members:
-            for side in sides:
-                r = eager.get((name, side))
-                fraction = r.block_matmul_fraction if r is not None and r.status == "ok" else math.nan
-                if math.isnan(fraction):
-                    missing.append(f"`{name}` at {side} ({_why(r)})")
-                    continue
-                measured += 1
-                if fraction < FRACTION_GOAL:
-                    failing.append(f"`{name}` at {side} {_pct(fraction)}")
-        checks.append(
-            {
-                "goal": f"{label} blocks >= {FRACTION_GOAL:.0%} of the matmul rate at {sides[0]} and {sides[1]}",
-                "verdict": _verdict(failing, missing, measured),
-                "detail": _detail(failing, missing, measured, f"below {FRACTION_GOAL:.0%}")
-                if members
-                else "no such block in this sweep",
-            }
-        )
-    failing, missing, measured = [], [], 0
-    for name in RECURRENCE_BLOCKS:
-        r = eager.get((name, recurrence_side))
-        if r is None or r.status != "ok":
-            missing.append(f"`{name}` ({_why(r)})")
-            continue
-        measured += 1
-        if not r.block_ms <= RECURRENCE_GOAL_MS:
-            failing.append(f"`{name}` {r.block_ms:.1f} ms")
-    checks.append(
-        {
-            "goal": f"{' and '.join(RECURRENCE_BLOCKS)} <= {RECURRENCE_GOAL_MS:g} ms at "
-            f"{recurrence_side}x{recurrence_side}",
-            "verdict": _verdict(failing, missing, measured),
-            "detail": _detail(failing, missing, measured, f"above {RECURRENCE_GOAL_MS:g} ms"),
-        }
-    )
+        entries = [
+            (f"`{n}` at {side}", r, r.block_matmul_fraction if r else nan, lambda v: v >= FRACTION_GOAL, _pct)
+            for n in members
+            for side in sides
+            for r in [eager.get((n, side))]
+        ]
+        goal = f"{label} blocks >= {FRACTION_GOAL:.0%} of the matmul rate at {sides[0]} and {sides[1]}"
+        check = _judge(goal, entries, f"below {FRACTION_GOAL:.0%}")
+        if not members:
+            check["detail"] = "no such block in this sweep"
+        checks.append(check)
+    entries = [
+        (f"`{n}`", r, r.block_ms if r else nan, lambda v: v <= RECURRENCE_GOAL_MS, lambda v: f"{v:.1f} ms")
+        for n in RECURRENCE_BLOCKS
+        for r in [eager.get((n, recurrence_side))]
+    ]
+    goal = f"{' and '.join(RECURRENCE_BLOCKS)} <= {RECURRENCE_GOAL_MS:g} ms at {recurrence_side}x{recurrence_side}"
+    checks.append(_judge(goal, entries, f"above {RECURRENCE_GOAL_MS:g} ms"))
     runs = [r for r in rows if r.name == BF16_BLOCK and r.dtype == dtype]
     ok = sorted({f"{r.height}x{r.width} {r.mode}" for r in runs if r.status == "ok"})
     bad = [r.status for r in runs if r.status.startswith("error")]
