@@ -48,3 +48,17 @@ def raster_jacobian_support(block: torch.nn.Module, c: int, h: int, w: int) -> t
         (grad,) = torch.autograd.grad((out[0, :, i, j] * weights).sum(), x, retain_graph=True)
         support[p] = grad[0].abs().sum(0).flatten() > 0
     return support
+
+
+def autograd_node_names(*tensors: torch.Tensor | None) -> set[str]:
+    """The class names of every autograd node behind ``tensors`` (e.g. ``AmaxBackward0``): what a backward
+    pass will run, for tests that pin down which operations a forward records."""
+    seen, stack, names = set(), [t.grad_fn for t in tensors if t is not None and t.grad_fn is not None], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names

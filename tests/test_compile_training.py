@@ -1,6 +1,7 @@
 """torch.compile(fullgraph=True) in TRAINING mode for the blocks whose training step holds state or work a
 graph cannot: performer, slim and rfa (the random-feature redraw, RandomFeatures.step) and reformer (its
-de-duplication penalty, an opaque custom op under compile). aot_eager traces exactly what inductor would
+de-duplication penalty, an opaque custom op under compile), and gmat and isab (issue 16's compiled fast path:
+gmat's pattern building, isab's recomputed tail under torch.utils.checkpoint). aot_eager traces exactly what inductor would
 get (dynamo + AOTAutograd, fullgraph) and runs the same aten ops as eager, so compiled and eager results
 are compared bit for bit or to float rounding; the inductor run is ``slow``."""
 
@@ -34,14 +35,36 @@ def _graph_counter():
     return backend, graphs
 
 
-def _perturbed(name, **kwargs):
+def _perturbed(name, channels=32, **kwargs):
     torch.manual_seed(0)
-    block = visattn.create_attn(name, 32, **kwargs).train()
+    block = visattn.create_attn(name, channels, **kwargs).train()
     with torch.no_grad():  # the zero-initialised output path would hide the attention
         for p in block.parameters():
             if p.is_floating_point() and not p.any():
                 p.normal_(0.0, 0.1)
     return block
+
+
+def _same_training_step(eager, twin, compiled, x, *, seed=None, live=False) -> torch.Tensor:
+    """One forward+backward of ``eager`` and of ``compiled`` (``twin`` compiled) on ``x``: the same output, input
+    gradient and parameter gradients, which are then cleared. ``seed``: set before each forward (blocks that
+    draw from the global generator); ``live``: every parameter must get a non-zero gradient."""
+    outs, grads = [], []
+    for module in (eager, compiled):
+        x.grad = None
+        if seed is not None:
+            torch.manual_seed(seed)
+        outs.append(module(x))
+        outs[-1].square().sum().backward()
+        grads.append(x.grad.clone())
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-6)
+    for (k, p_e), p_c in zip(eager.named_parameters(), twin.parameters(), strict=True):
+        if live:
+            assert p_e.grad is not None and p_e.grad.abs().sum() > 0, k
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=0, atol=1e-6, msg=k)
+        p_e.grad = p_c.grad = None
+    return outs[0]
 
 
 @pytest.mark.parametrize("name,kwargs", REDRAWING, ids=[n for n, _ in REDRAWING])
@@ -55,17 +78,7 @@ def test_redrawing_blocks_compile_fullgraph_in_training_like_eager(name, kwargs)
     x = torch.randn(2, 32, 7, 9, requires_grad=True)
     draws = [feats.weight.clone()]
     for call in range(1, 7):
-        x.grad = None
-        out_e = eager(x)
-        out_e.square().sum().backward()
-        grad_e = x.grad.clone()
-        x.grad = None
-        out_c = compiled(x)
-        out_c.square().sum().backward()
-        torch.testing.assert_close(out_c, out_e, rtol=0, atol=1e-6)
-        torch.testing.assert_close(x.grad, grad_e, rtol=0, atol=1e-6)
-        for (k, p_e), p_c in zip(eager.named_parameters(), twin.parameters()):
-            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=0, atol=1e-6, msg=k)
+        _same_training_step(eager, twin, compiled, x)
         # The buffers advance identically: the counter, and the projection redrawn at the same calls.
         state_e, state_c = eager.state_dict(), twin.state_dict()
         assert state_e.keys() == state_c.keys()
@@ -154,20 +167,7 @@ def test_reformer_compiles_fullgraph_in_training_like_eager(kwargs, hw):
     compiled = torch.compile(twin, fullgraph=True, backend=backend)
     for _ in range(2):
         # The hash rotations are redrawn from the global generator in training, in the same order.
-        x.grad = None
-        torch.manual_seed(3)
-        out_e = eager(x)
-        out_e.square().sum().backward()
-        grad_e = x.grad.clone()
-        x.grad = None
-        torch.manual_seed(3)
-        out_c = compiled(x)
-        out_c.square().sum().backward()
-        torch.testing.assert_close(out_c, out_e, rtol=0, atol=1e-6)
-        torch.testing.assert_close(x.grad, grad_e, rtol=0, atol=1e-6)
-        for (k, p_e), p_c in zip(eager.named_parameters(), twin.parameters()):
-            torch.testing.assert_close(p_c.grad, p_e.grad, rtol=0, atol=1e-6, msg=k)
-            p_e.grad = p_c.grad = None
+        _same_training_step(eager, twin, compiled, x, seed=3)
     assert len(graphs) == 1
     # The penalty is one opaque call in the graph (its gathers are not inlined into the pairwise loop).
     assert ["reformer_penalty" in str(node.target) for node in graphs[0].graph.nodes].count(True) == 1
@@ -198,3 +198,26 @@ def test_inductor_training_fullgraph_matches_eager(name, kwargs):
             state_e, state_c = eager.state_dict(), twin.state_dict()
             for k in state_e:
                 torch.testing.assert_close(state_c[k], state_e[k], rtol=0, atol=0, msg=k)
+
+
+# gmat and isab: one graph, and the same output, input gradient and parameter gradients as eager.
+STATEFUL_GRAPHS = [
+    # The paper's defaults (k = 15, M = 64) on a padded map: 9x11 is no multiple of the 8x8 query tile.
+    ("gmat", {}, (9, 11)),
+    ("isab", {}, (6, 7)),  # recompute=True: the tail runs under torch.utils.checkpoint
+]
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,hw", STATEFUL_GRAPHS, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(STATEFUL_GRAPHS)]
+)
+def test_compiled_training_step_matches_eager(name, kwargs, hw):
+    eager = _perturbed(name, channels=16, **kwargs)
+    twin = copy.deepcopy(eager)
+    backend, graphs = _graph_counter()
+    compiled = torch.compile(twin, fullgraph=True, backend=backend)
+    x = torch.randn(2, 16, *hw, requires_grad=True)
+    for _ in range(2):  # the second call reuses the graph
+        out = _same_training_step(eager, twin, compiled, x, live=True)
+        assert not torch.equal(out, x)  # the attention path is live
+    assert len(graphs) == 1

@@ -385,23 +385,14 @@ def test_favor_plus_shifts_carry_no_backward_but_trig_shifts_do(causal):
     """FAVOR+'s stabilising maxima are taken without gradient (their backward was 28 % of slim's step and its
     contribution is within finite-difference tolerance of zero); the trigonometric features keep it (a
     detached shift put performer_v1's gradient 14 % off)."""
-    from visattn.layers.linear_attention import favor_plus_features, trig_random_features
+    from helpers import autograd_node_names
 
-    def graph_ops(*tensors):
-        seen, stack, names = set(), [t.grad_fn for t in tensors if t is not None and t.grad_fn], set()
-        while stack:
-            fn = stack.pop()
-            if fn is None or fn in seen:
-                continue
-            seen.add(fn)
-            names.add(type(fn).__name__)
-            stack.extend(f for f, _ in fn.next_functions)
-        return names
+    from visattn.layers.linear_attention import favor_plus_features, trig_random_features
 
     q = torch.randn(1, 2, 9, 8, requires_grad=True)
     k = torch.randn(1, 2, 9, 8, requires_grad=True)
     w = torch.randn(16, 8)
-    favor = graph_ops(*favor_plus_features(q, k, w, causal=causal))
+    favor = autograd_node_names(*favor_plus_features(q, k, w, causal=causal))
     assert not {n for n in favor if n.startswith(("Amax", "Cummax"))}, favor
-    trig = graph_ops(*trig_random_features(q, k, w, causal=causal))
+    trig = autograd_node_names(*trig_random_features(q, k, w, causal=causal))
     assert {n for n in trig if n.startswith(("Amax", "Cummax", "Max"))}, trig

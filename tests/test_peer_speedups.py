@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from helpers import autograd_node_names
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,15 +58,7 @@ def _block(name: str, channels: int, dtype: torch.dtype, seed: int = 0) -> torch
 
 
 def _graph_nodes(out: torch.Tensor) -> set[str]:
-    seen, stack, names = set(), [out.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.add(type(node).__name__)
-        stack.extend(n for n, _ in node.next_functions)
-    return names
+    return autograd_node_names(out)
 
 
 def _outputs_and_grads(fn, block, x, grad_out):
