@@ -8,6 +8,7 @@ random argv (valid and invalid tokens) to each subcommand in-process, with the h
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -394,7 +395,7 @@ def _check_result(command: str, argv: list[str], code: int, err: str) -> None:
 def fuzz_env(files, monkeypatch, tmp_path):
     """cwd in a scratch folder (default outputs land there), no network, heavy back ends faked."""
     from visattn import export
-    from visattn.bench import peers, plots, runner
+    from visattn.bench import compiled, peers, plots, runner, vs_dense
 
     evaluate_mod = importlib.import_module("visattn.engine.evaluate")  # the package re-exports the function
     trainer = importlib.import_module("visattn.engine.trainer")
@@ -417,8 +418,64 @@ def fuzz_env(files, monkeypatch, tmp_path):
     def fake_export_to_file(exp, out, *, size, batch=1, dynamic=True, fmt="onnx"):
         return export.ExportReport(Path(out), fmt, dynamic, 1, [size], [0.0], "fake", [])
 
+    def fake_vs_dense(names, sizes, *, batch=1, channels=64, dtypes=(torch.float32,), device="cpu", **kw):
+        return [
+            vs_dense.DenseRatio(
+                n,
+                batch,
+                channels,
+                h,
+                w,
+                str(dt)[6:],
+                device,
+                "eager",
+                1,
+                kw["rounds"],
+                1.0,
+                2.0,
+                0.5,
+                1.0,
+                2.0,
+                0.5,
+            )
+            for n in names
+            for h, w in sizes
+            for dt in dtypes
+        ]
+
+    def fake_compiled(names, sizes, *, batch=1, channels=64, dtypes=(torch.float32,), device="cpu", **kw):
+        return [
+            compiled.CompiledRow(
+                n,
+                batch,
+                channels,
+                h,
+                w,
+                str(dt)[6:],
+                device,
+                kw["backend"],
+                "default",
+                kw["rounds"],
+                2.0,
+                1.0,
+                0.5,
+                1.0,
+                0,
+                1,
+                0.0,
+                0.0,
+                1e-5,
+                1.0,
+            )
+            for n in names
+            for h, w in sizes
+            for dt in dtypes
+        ]
+
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(runner, "run_sweep", fake_sweep)
+    monkeypatch.setattr(vs_dense, "sweep_vs_dense", fake_vs_dense)
+    monkeypatch.setattr(compiled, "sweep_compiled", fake_compiled)
     monkeypatch.setattr(peers, "compare", lambda *a, **k: [])
     monkeypatch.setattr(peers, "format_ratios", lambda rows: "")
     monkeypatch.setattr(plots, "plot_scaling", lambda rows, out_dir, **k: [])
@@ -467,9 +524,12 @@ def test_fuzz_bench(fuzz_env, capsys, data):
         "--csv": (["b.csv", "new/b.csv"], _bad_outputs(d)),
         "--json": (["b.json"], _bad_outputs(d)),
         "--plot": (["plots", "new/plots"], _paths(d, "afile.txt", "afile.txt/sub")),
+        "--rounds": (["1", "3"], BAD_NUMBERS),
+        "--backend": (["eager", "aot_eager"], ["cudagraphs", ""]),
     }
     names = st.lists(_choice(GOOD_BLOCKS, BAD_BLOCKS), max_size=2)
-    argv = data.draw(_argv("bench", names, options, ["--quick", "--peers", "--no-progress"]))
+    flags = ["--quick", "--peers", "--no-progress", "--vs-dense", "--compiled"]
+    argv = data.draw(_argv("bench", names, options, flags))
     _run("bench", argv, capsys)
 
 
@@ -559,3 +619,29 @@ def test_fuzz_test(fuzz_env, capsys, data):
     config = st.lists(_choice([str(d / "tiny.yaml")], _bad_inputs(d)), max_size=1, min_size=1)
     argv = data.draw(_argv("test", config, options, ["--flip", "--no-progress"]))
     _run("test", argv, capsys)
+
+
+def test_bench_vs_dense_and_compiled_runs_through_the_cli(fuzz_env, capsys):
+    """The two bench modes the fuzzer draws, spelled out once: their rows reach the JSON and CSV, and a bad
+    --rounds is one line with exit 2 (the fakes keep it fast; the real sweeps have their own tests)."""
+    for flag, stem in (("--vs-dense", "vs"), ("--compiled", "cmp")):
+        argv = [
+            "bench",
+            "cbam",
+            flag,
+            "--rounds",
+            "2",
+            "--sizes",
+            "8",
+            "--json",
+            f"{stem}.json",
+            "--csv",
+            f"{stem}.csv",
+        ]
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        rows = json.loads(Path(f"{stem}.json").read_text())["rows"]
+        assert [(r["name"], r["rounds"]) for r in rows] == [("cbam", 2)]
+        assert Path(f"{stem}.csv").read_text().startswith("name,")
+    capsys.readouterr()
+    assert cli.main(["bench", "cbam", "--compiled", "--rounds", "0"]) == 2
+    _one_line_error(2, capsys.readouterr().err, "bench")
