@@ -24,6 +24,7 @@ from ..layers.hashing import (
     factor_buckets,
     gather_tokens,
     hash_draw,
+    look_back,
     merge_rounds,
     resolve_seed,
     rotation_columns,
@@ -167,7 +168,7 @@ class Reformer(AttnBlock):
             buckets = buckets.masked_fill(pos >= n, nb)  # padding: a bucket of its own, sorted last
             perm, inv = sort_with_inverse(buckets * n_pad + pos)
             qpos = perm.unflatten(-1, (nc, m))  # raster position of each sorted slot
-            kpos = _look_back(qpos, 3, back)  # raster position of each key of each chunk's window
+            kpos = look_back(qpos, 3, back)  # raster position of each key of each chunk's window
             # log N_ij in at least float32 (half types round log 2 and log 3), and in float64 for float64.
             acc = accuracy_dtype(qk.dtype)
             if torch.compiler.is_compiling() and not is_exporting():
@@ -180,8 +181,8 @@ class Reformer(AttnBlock):
         eps = max(1e-12, torch.finfo(qk.dtype).tiny)
         # Sorted once, then each window built from whole chunks: an index_select straight from kpos
         # would double the rows of its backward's index_add, which costs more than the chunk copies.
-        sk = _look_back(gather_tokens(F.normalize(qk, dim=-1, eps=eps), perm).unflatten(3, (nc, m)), 3, back)
-        sv = _look_back(gather_tokens(v, perm).unflatten(3, (nc, m)), 3, back)  # (b, h, R, nc, w, d)
+        sk = look_back(gather_tokens(F.normalize(qk, dim=-1, eps=eps), perm).unflatten(3, (nc, m)), 3, back)
+        sv = look_back(gather_tokens(v, perm).unflatten(3, (nc, m)), 3, back)  # (b, h, R, nc, w, d)
         if torch.finfo(qk.dtype).max < 2 * SELF_PENALTY:
             # float16 has no 1e5: saturate the finite penalties (inf stays inf), else a query whose
             # only key is its own gets a row of -inf and a NaN output.
@@ -241,7 +242,7 @@ class Reformer(AttnBlock):
                 # Codes of round r at the sorted slots of round r.
                 scodes, snexts = (c.gather(-1, qpos.flatten(-2)).view_as(qpos) for c in (codes, nexts))
                 q = scodes.unsqueeze(-1)
-                kcodes, knexts = _look_back(scodes, 3, back), _look_back(snexts, 3, back)
+                kcodes, knexts = look_back(scodes, 3, back), look_back(snexts, 3, back)
                 allowed = allowed & ((q == kcodes.unsqueeze(-2)) | (q == knexts.unsqueeze(-2)))
             # The own key stays allowed (at 1e5): it is the last resort of a query with nothing else.
             own = torch.eye(m, w, dtype=torch.bool, device=qpos.device)
@@ -306,11 +307,11 @@ class Reformer(AttnBlock):
                 where = qpos[:, :, lo:hi]
                 code_q = code_r.gather(-1, where.flatten(2)).view_as(where)
                 out = miss[:, :, lo:hi] if eager else None
-                keys = _look_back(code_q, 3, back).unsqueeze(-2)
+                keys = look_back(code_q, 3, back).unsqueeze(-2)
                 out = torch.bitwise_xor(code_q.unsqueeze(-1), keys, out=out)
                 if back:
                     code_next = next_r.gather(-1, where.flatten(2)).view_as(where)
-                    keys = _look_back(code_next, 3, back).unsqueeze(-2)
+                    keys = look_back(code_next, 3, back).unsqueeze(-2)
                     xor_next = torch.bitwise_xor(
                         code_q.unsqueeze(-1), keys, out=other[:, :, lo:hi] if eager else None
                     )
@@ -323,25 +324,6 @@ class Reformer(AttnBlock):
             f"channels={self.channels}, heads={self.heads}, n_hashes={self.n_hashes}, "
             f"chunk_size={self.chunk_size}, n_buckets={self.n_buckets}, causal={self.causal}"
         )
-
-
-def _look_back(x: torch.Tensor, chunk_dim: int, back: int) -> torch.Tensor:
-    """Each chunk along ``chunk_dim`` followed by its ``back`` predecessors (circularly) along
-    ``chunk_dim + 1``; wrapped chunks are excluded by the masks (later in the sort, other buckets)."""
-    if back == 0:
-        return x
-    if torch.compiler.is_compiling() and not is_exporting():
-        # Inductor turns the index_select below into scalar indirect loads and its backward into a scalar
-        # scatter-add; rolls and a concatenation are plain strided copies (and adds) that it vectorises.
-        return torch.cat([x.roll(k, chunk_dim) for k in range(back + 1)], dim=chunk_dim + 1)
-    lead, nc, tail = x.shape[:chunk_dim], x.shape[chunk_dim], x.shape[chunk_dim + 1 :]
-    chunk = torch.arange(nc, device=x.device)
-    # One index_select of whole chunks as rows (chunk c's window: rows c, c-1, ... of its group): a
-    # single copy and a row-wise backward, where rolls and a concatenation copy the windows repeatedly.
-    order = torch.stack([(chunk + nc - k) % nc for k in range(back + 1)], dim=1).flatten()
-    rows = (torch.arange(math.prod(lead), device=x.device).unsqueeze(-1) * nc + order).flatten()
-    windows = x.reshape(math.prod(lead) * nc, -1).index_select(0, rows)
-    return windows.view(*lead, nc, (back + 1) * tail[0], *tail[1:])
 
 
 class _PenaltySpec:

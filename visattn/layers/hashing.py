@@ -12,7 +12,7 @@ hash, sort and maximum is per sample and per head: batch-independent); ``R`` has
   form for many buckets), E2LSH (:func:`e2lsh_project`) and the XBOX+ asymmetric transform that turns
   maximum inner product into nearest neighbour (:func:`xbox_plus`).
 * Sort-and-chunk: :func:`sort_with_inverse`, :func:`gather_tokens` (gather per round; its inverse
-  permutation scatters back), :func:`look_one_back` (each chunk with its predecessor).
+  permutation scatters back), :func:`look_back` (each chunk with its predecessors; :func:`look_one_back` for one).
 * Rounds: :func:`attend_lse` is softmax attention that also returns the log-normaliser (SDPA does not
   expose it, and it is needed with gradient), :func:`merge_rounds` combines rounds by logsumexp weights.
 """
@@ -39,6 +39,7 @@ __all__ = [
     "stable_argsort",
     "sort_with_inverse",
     "gather_tokens",
+    "look_back",
     "look_one_back",
     "attend_lse",
     "merge_rounds",
@@ -201,13 +202,30 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return picked.view(*index.shape, d)
 
 
+def look_back(x: torch.Tensor, chunk_dim: int, back: int) -> torch.Tensor:
+    """Each chunk along ``chunk_dim`` followed by its ``back`` predecessors (circularly) along
+    ``chunk_dim + 1``; callers mask wrapped chunks (for sorted tokens: later in the sort, other buckets)."""
+    chunk_dim = chunk_dim % x.dim()
+    if back == 0:
+        return x
+    if torch.compiler.is_compiling() and not is_exporting():
+        # Inductor turns the index_select below into scalar indirect loads and its backward into a scalar
+        # scatter-add; rolls and a concatenation are plain strided copies (and adds) that it vectorises.
+        return torch.cat([x.roll(k, chunk_dim) for k in range(back + 1)], dim=chunk_dim + 1)
+    lead, nc, tail = x.shape[:chunk_dim], x.shape[chunk_dim], x.shape[chunk_dim + 1 :]
+    chunk = torch.arange(nc, device=x.device)
+    # One index_select of whole chunks as rows (chunk c's window: rows c, c-1, ... of its group): a
+    # single copy and a row-wise backward, where rolls and a concatenation copy the windows repeatedly.
+    order = torch.stack([(chunk + nc - k) % nc for k in range(back + 1)], dim=1).flatten()
+    rows = (torch.arange(math.prod(lead), device=x.device).unsqueeze(-1) * nc + order).flatten()
+    windows = x.reshape(math.prod(lead) * nc, -1).index_select(0, rows)
+    return windows.view(*lead, nc, (back + 1) * tail[0], *tail[1:])
+
+
 def look_one_back(x: torch.Tensor, chunk_dim: int) -> torch.Tensor:
     """Chunks along ``chunk_dim`` -> each chunk concatenated with the previous one (circularly) along
     ``chunk_dim + 1``. A single chunk is returned unchanged (it would see itself twice)."""
-    chunk_dim = chunk_dim % x.dim()
-    if x.shape[chunk_dim] == 1:
-        return x
-    return torch.cat([x, x.roll(1, dims=chunk_dim)], dim=chunk_dim + 1)
+    return look_back(x, chunk_dim, min(1, x.shape[chunk_dim] - 1))
 
 
 class _AttendLSE(torch.autograd.Function):
