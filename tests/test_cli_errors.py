@@ -406,71 +406,30 @@ def fuzz_env(files, monkeypatch, tmp_path):
     def offline(url, dst, *args, **kwargs):
         raise URLError("offline")
 
-    def fake_sweep(names, sizes, *, batch=2, channels=256, dtypes=(torch.float32,), device="cpu", **kwargs):
-        dts = [str(dt).replace("torch.", "") for dt in dtypes]
-        return [
-            runner.BenchRow(n, batch, channels, h, w, dt, device, 1, 1.0, 2.0, h * w, 1.0, None, 0.5)
-            for n in names
-            for h, w in sizes
-            for dt in dts
-        ]
-
     def fake_export_to_file(exp, out, *, size, batch=1, dynamic=True, fmt="onnx"):
         return export.ExportReport(Path(out), fmt, dynamic, 1, [size], [0.0], "fake", [])
 
-    def fake_vs_dense(names, sizes, *, batch=1, channels=64, dtypes=(torch.float32,), device="cpu", **kw):
-        return [
-            vs_dense.DenseRatio(
-                n,
-                batch,
-                channels,
-                h,
-                w,
-                str(dt)[6:],
-                device,
-                "eager",
-                1,
-                kw["rounds"],
-                1.0,
-                2.0,
-                0.5,
-                1.0,
-                2.0,
-                0.5,
-            )
-            for n in names
-            for h, w in sizes
-            for dt in dtypes
-        ]
+    def fake(row):
+        """A sweep that answers one made-up row per block, size and dtype: ``row(name, B, C, H, W, dtype,
+        device, options)``."""
 
-    def fake_compiled(names, sizes, *, batch=1, channels=64, dtypes=(torch.float32,), device="cpu", **kw):
-        return [
-            compiled.CompiledRow(
-                n,
-                batch,
-                channels,
-                h,
-                w,
-                str(dt)[6:],
-                device,
-                kw["backend"],
-                "default",
-                kw["rounds"],
-                2.0,
-                1.0,
-                0.5,
-                1.0,
-                0,
-                1,
-                0.0,
-                0.0,
-                1e-5,
-                1.0,
-            )
-            for n in names
-            for h, w in sizes
-            for dt in dtypes
-        ]
+        def sweep(names, sizes, *, batch=1, channels=64, dtypes=(torch.float32,), device="cpu", **kw):
+            dts = [str(dt).replace("torch.", "") for dt in dtypes]
+            return [
+                row(n, batch, channels, h, w, dt, device, kw) for n in names for h, w in sizes for dt in dts
+            ]
+
+        return sweep
+
+    fake_sweep = fake(lambda *a: runner.BenchRow(*a[:7], 1, 1.0, 2.0, a[3] * a[4], 1.0, None, 0.5))
+    fake_vs_dense = fake(
+        lambda *a: vs_dense.DenseRatio(*a[:7], "eager", 1, a[7]["rounds"], 1, 2, 0.5, 1, 2, 0.5)
+    )
+    fake_compiled = fake(
+        lambda *a: compiled.CompiledRow(
+            *a[:7], a[7]["backend"], "default", a[7]["rounds"], 2, 1, 0.5, 1, 0, 1, 0, 0, 1e-5, 1
+        )
+    )
 
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     monkeypatch.setattr(runner, "run_sweep", fake_sweep)
