@@ -62,3 +62,33 @@ def autograd_node_names(*tensors: torch.Tensor | None) -> set[str]:
         names.add(type(node).__name__)
         stack.extend(n for n, _ in node.next_functions)
     return names
+
+
+def draw_zero_parameters_(
+    module: torch.nn.Module, seed: int = 0, scale: float = 0.1, generator: torch.Generator | None = None
+) -> torch.nn.Module:
+    """Replace every all-zero floating parameter (residual gates, zero-initialised output projections) by
+    seeded N(0, scale²) draws, so a check sees the attention path instead of the identity. ``generator``
+    (instead of ``seed``): draw from it, so a caller can go on drawing its inputs from the same stream."""
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point() and p.numel() and not p.any():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+    return module
+
+
+def fixed_state_function(module: torch.nn.Module, names: list[str], seed: int = 3):
+    """``fn(x, *params)``: ``module`` called with ``params`` as its parameters ``names`` (the rest as they are),
+    a fresh copy of its current buffers and the global seed set to ``seed`` every call, so the repeated
+    forwards of gradcheck evaluate one function (EMA updates, in-place redraws and random draws included)."""
+    buffers = {n: b.detach().clone() for n, b in module.named_buffers()}
+
+    def fn(x, *params):
+        state = {n: b.clone() for n, b in buffers.items()}
+        state.update(zip(names, params))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.func.functional_call(module, state, (x,))
+
+    return fn

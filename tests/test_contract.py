@@ -12,7 +12,7 @@ import math
 
 import pytest
 import torch
-from helpers import build, feature_map, raster_jacobian_support
+from helpers import build, draw_zero_parameters_, feature_map, fixed_state_function, raster_jacobian_support
 
 import visattn
 from visattn.bench import count_flops
@@ -222,13 +222,7 @@ def _gates_drawn(name: str) -> torch.nn.Module:
     """The block with its all-zero parameters drawn from N(0, 0.1²) under a fixed seed: else the residual
     gates and zero output projections hide the attention path (as in visattn.bench.compiled)."""
     torch.manual_seed(0)
-    block = visattn.create_attn(name, GRAD_C)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in block.parameters():
-            if p.is_floating_point() and p.numel() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
-    return block
+    return draw_zero_parameters_(visattn.create_attn(name, GRAD_C))
 
 
 def _gradcheck_setup(name: str, batch: int, h: int, w: int):
@@ -240,16 +234,8 @@ def _gradcheck_setup(name: str, batch: int, h: int, w: int):
     params = [named[n].detach().clone().requires_grad_() for n in checked]
     # Every call starts from the same buffers (EMA bases, BatchNorm statistics) and the same seed, so
     # gradcheck's repeated forwards evaluate one function.
-    buffers = {n: b.detach().clone() for n, b in block.named_buffers()}
     x = feature_map(batch, GRAD_C, h, w, seed=1).double().requires_grad_(exact is None)
-
-    def fn(x, *ps):
-        state = {n: b.clone() for n, b in buffers.items()}
-        state.update(zip(checked, ps))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(3)
-            return torch.func.functional_call(block, state, (x,))
-
+    fn = fixed_state_function(block, checked)
     return fn, (x, *params)
 
 

@@ -13,6 +13,7 @@ import logging
 import pytest
 import timm
 import torch
+from helpers import draw_zero_parameters_, fixed_state_function
 from safetensors.torch import save_file
 from vit_helpers import NAME, TINY, build_vit, random_dense_state
 
@@ -294,22 +295,12 @@ def test_mixer_gradients_match_finite_differences(attn):
     ).double()
     model.train(attn not in RANDOM_IN_TRAINING)
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # zero-initialised parts of a core would hide its path from the check
-        for p in model.parameters():
-            if p.numel() and not p.any():
-                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
+    draw_zero_parameters_(model, generator=g)  # zero-initialised parts of a core would hide its path
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach().clone().requires_grad_() for p in model.parameters()]
     # Fresh buffers every call: rfa's random features are redrawn in place in training.
-    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    fn = fixed_state_function(model, names)
     x = torch.randn(1, 3, 48, 64, generator=g, dtype=torch.float64, requires_grad=True)
-
-    def fn(x, *ps):
-        state = {n: b.clone() for n, b in buffers.items()}
-        state.update(zip(names, ps))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(3)
-            return torch.func.functional_call(model, state, (x,))
 
     torch.manual_seed(4)
     assert torch.autograd.gradcheck(fn, (x, *params), fast_mode=True)
