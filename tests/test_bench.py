@@ -697,3 +697,13 @@ def test_device_session_script_is_valid_and_runs_what_exists():
     assert named, "the script names no test files"
     for path in named:
         assert "pytest.mark.gpu" in (root / path).read_text(), f"{path} has no gpu-marked test"
+
+
+def test_interleaved_times_alternate_the_order_of_every_function():
+    from visattn.bench.runner import interleaved_times
+
+    calls = []
+    fns = [lambda k=k: calls.append(k) or float(len(calls)) for k in "abc"]
+    times = interleaved_times(fns, 3)
+    assert "".join(calls) == "abccbaabc"
+    assert times == [[1.0, 6.0, 7.0], [2.0, 5.0, 8.0], [3.0, 4.0, 9.0]]

@@ -23,7 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ..layers.delta_rule import delta_rule
 from ..layers.linear_attention import default_chunk_size, linear_attention
 from .measure import FLOP_MAPPING
-from .runner import time_ms
+from .runner import interleaved_times, time_ms
 
 __all__ = ["sweep_chunk_sizes", "format_chunk_rows"]
 
@@ -98,7 +98,7 @@ def sweep_chunk_sizes(
 
     Timing: :func:`visattn.bench.runner.time_ms` (torch.utils.benchmark, at least ``min_time`` s per
     measurement), in ``rounds`` rounds that each time every (kind, size) once, in forward order on even
-    rounds and reversed on odd ones (the interleaving of :func:`visattn.bench.vs_dense.interleaved_ratio`,
+    rounds and reversed on odd ones (the interleaving of :func:`visattn.bench.runner.interleaved_times`,
     so a change in machine load hits every size alike); ``fwd_bwd_ms`` is the median over rounds.
     ``flops`` counts one forward+backward with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls:
     the scans' work); ``tflops`` is flops / time.
@@ -125,10 +125,8 @@ def sweep_chunk_sizes(
             fn()
         flops[case] = int(counter.get_total_flops())
 
-    times: dict[tuple[str, int], list[float]] = {case: [] for case in cases}
-    for r in range(rounds):
-        for case in cases if r % 2 == 0 else reversed(cases):
-            times[case].append(time_ms(fns[case], device, min_run_time=min_time))
+    timings = [lambda fn=fns[case]: time_ms(fn, device, min_run_time=min_time) for case in cases]
+    times = dict(zip(cases, interleaved_times(timings, rounds)))
 
     rows = []
     for kind, chunk in cases:

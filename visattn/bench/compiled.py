@@ -40,8 +40,8 @@ from ..atomic import atomic_write_text
 from ..registry import create_attn
 from .measure import saved_activation_bytes
 from .rows_io import read_rows_json, replace_generated_section, write_rows_csv, write_rows_json
-from .runner import _progress
-from .vs_dense import _benchmark_ms, _sync, interleaved_ratio, load_average, machine_description
+from .runner import _progress, _sync
+from .vs_dense import _benchmark_ms, interleaved_ratio, load_average, machine_description
 
 __all__ = [
     "CompiledRow",

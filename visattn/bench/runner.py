@@ -12,7 +12,7 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -73,6 +73,18 @@ def time_ms(fn: Callable[[], object], device: torch.device, min_run_time: float 
     _sync(device)
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def interleaved_times(fns: Sequence[Callable[[], float]], rounds: int) -> list[list[float]]:
+    """Each of ``fns`` (a timing: it returns a duration) called once per round, in order on even rounds and
+    in reverse on odd ones, so a drift in machine load inside a round does not always favour the same one.
+    Returns every function's durations, one per round."""
+    times: list[list[float]] = [[] for _ in fns]
+    order = list(range(len(fns)))
+    for r in range(rounds):
+        for i in order if r % 2 == 0 else reversed(order):
+            times[i].append(fns[i]())
+    return times
 
 
 def matmul_flops_per_s(device: torch.device, dtype: torch.dtype, n: int = 1024) -> float:

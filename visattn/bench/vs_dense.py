@@ -37,7 +37,7 @@ from ..registry import attn_info, create_attn
 from .measure import count_flops as _count_flops
 from .measure import saved_activation_bytes
 from .rows_io import read_rows_json, replace_generated_section, write_rows_csv, write_rows_json
-from .runner import _progress
+from .runner import _progress, _sync, interleaved_times
 
 __all__ = [
     "DenseAttention",
@@ -133,14 +133,7 @@ def interleaved_ratio(
     """
     if rounds < 1:
         raise ValueError(f"vs-dense: rounds must be >= 1, got {rounds}")
-    tb, td = [], []
-    for r in range(rounds):
-        if r % 2 == 0:
-            tb.append(time_block())
-            td.append(time_dense())
-        else:
-            td.append(time_dense())
-            tb.append(time_block())
+    tb, td = interleaved_times([time_block, time_dense], rounds)
     ratios = [b / d if d > 0 else math.nan for b, d in zip(tb, td)]
     return statistics.median(tb), statistics.median(td), statistics.median(ratios)
 
@@ -173,11 +166,6 @@ def crossovers(rows: Sequence[DenseRatio]) -> dict[tuple[str, str, str], int | N
             ratio = r.time_ratio if r.status == "ok" else math.nan
             groups.setdefault((r.name, r.dtype, r.mode), {})[r.height] = ratio
     return {key: find_crossover(ratios.__getitem__, ratios) for key, ratios in groups.items()}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def forward_backward_flops(model: Callable[[torch.Tensor], object], x: torch.Tensor) -> int:
